@@ -1,0 +1,64 @@
+# prosody-invites: build the Rust core as a Lua module and assemble the plugin folder.
+#
+#   make run                      install what is missing, build, start a demo Prosody
+#   make test                     every test layer (Rust, busted, integration)
+#   make build [LUA_VERSION=5.4]  build/plugins/, ready for Prosody's plugin_paths
+#   make install PLUGIN_DIR=...   copy build/plugins/* there
+
+LUA_VERSION ?= 5.4
+PLUGIN_DIR ?=
+BUILD := build
+PLUGINS := $(BUILD)/plugins
+
+LUA_FEATURE_5.1 := lua51
+LUA_FEATURE_5.2 := lua52
+LUA_FEATURE_5.3 := lua53
+LUA_FEATURE_5.4 := lua54
+LUA_FEATURE_jit := luajit
+LUA_FEATURE := $(LUA_FEATURE_$(LUA_VERSION))
+ifeq ($(LUA_FEATURE),)
+$(error LUA_VERSION must be one of 5.1 5.2 5.3 5.4 jit, not '$(LUA_VERSION)')
+endif
+
+CORE := target/release/libprosody_invites.so
+
+.PHONY: all build install deps test test-rust test-busted test-integration lint run clean
+
+all: build
+
+build:
+	cargo build --release --features "$(LUA_FEATURE) module"
+	mkdir -p $(PLUGINS)/mod_invites $(PLUGINS)/mod_invites_register
+	cp lua/mod_invites/mod_invites.lua $(PLUGINS)/mod_invites/
+	cp lua/mod_invites_register/mod_invites_register.lua $(PLUGINS)/mod_invites_register/
+	cp $(CORE) $(PLUGINS)/mod_invites/prosody_invites.so
+
+install: build
+	@test -n "$(PLUGIN_DIR)" || { echo "usage: make install PLUGIN_DIR=/path/in/plugin_paths"; exit 2; }
+	mkdir -p "$(PLUGIN_DIR)"
+	cp -R $(PLUGINS)/. "$(PLUGIN_DIR)/"
+
+deps:
+	sh .ci/deps
+
+run: deps build
+	python3 spec/integration/devserver.py
+
+test: deps build test-rust test-busted test-integration
+
+test-rust:
+	cargo test --features lua54
+
+test-busted:
+	lua5.4 /usr/bin/busted --lua=lua5.4 spec
+
+test-integration:
+	python3 -m pytest -q spec/integration
+
+lint:
+	cargo fmt --check
+	cargo clippy --features lua54 --all-targets -- -D warnings
+
+clean:
+	rm -rf $(BUILD)
+	cargo clean

@@ -1,0 +1,320 @@
+-- mod_invites_register: registration through invites (XEP-0401/XEP-0445) and
+-- pre-authenticated subscriptions (XEP-0379), on top of our mod_invites.
+--
+-- Every decision (is this token valid, may this account be created with it, has its use
+-- been spent) is made by mod_invites' Rust core; this file wires the hooks and turns the
+-- answers into stanzas, roster changes and roles. A use is reserved when registration is
+-- about to happen and spent only once the account exists, so a failed registration never
+-- consumes an invite and one single-use invite never creates two accounts.
+
+local st = require "util.stanza";
+local jid_split = require "util.jid".split;
+local jid_bare = require "util.jid".bare;
+local rostermanager = require "core.rostermanager";
+local usermanager = require "core.usermanager";
+local modulemanager = require "core.modulemanager";
+
+local require_encryption = module:get_option_boolean("c2s_require_encryption",
+	module:get_option_boolean("require_encryption", true));
+local invite_only = module:get_option_boolean("registration_invite_only", true);
+
+local invites;
+if prosody.process_type == "prosody" then
+	invites = module:depends("invites");
+
+	if invite_only then
+		module:depends("register_ibr");
+	end
+end
+
+local xmlns_pars = "urn:xmpp:pars:0";
+
+-- Every refusal, once: error name (from mod_invites) → stanza error.
+local refusals = {
+	["no-token"] = { "modify", "bad-request", "The invitation token is missing" };
+	["token-invalid"] = { "cancel", "item-not-found", "This invitation is not valid" };
+	["token-expired"] = { "cancel", "item-not-found", "This invitation has expired" };
+	["token-used"] = { "cancel", "item-not-found", "This invitation has already been used" };
+	["token-revoked"] = { "cancel", "item-not-found", "This invitation has been revoked" };
+	["username-mismatch"] = { "modify", "not-acceptable", "This invitation is for another username" };
+	["username-reserved"] = { "cancel", "conflict", "This username is reserved for an invited user" };
+	["username-taken"] = { "cancel", "conflict", "The requested username already exists." };
+	["account-not-found"] = { "modify", "not-acceptable", "This invitation only resets the password of an existing account" };
+	["internal-server-error"] = { "wait", "internal-server-error", "The invitation could not be checked, please try again later" };
+	["invite-only"] = { "modify", "not-acceptable", "Registration on this server is through invitation only" };
+	["preauth-not-set"] = { "modify", "bad-request", "A preauth request must be an iq of type 'set'" };
+};
+
+local function refusal(name)
+	local r = refusals[name] or refusals["internal-server-error"];
+	return { type = r[1], condition = r[2], text = r[3] };
+end
+
+local function error_reply(stanza, name)
+	local e = refusal(name);
+	return st.error_reply(stanza, e.type, e.condition, e.text);
+end
+
+-- Refuse a registration in user-registering, in both the util.error and the older style.
+local function refuse_registration(event, name, text)
+	local e = refusal(name);
+	if text then e.text = text; end
+	event.allowed = false;
+	event.error = e;
+	-- COMPAT pre-util.error readers (mod_register_ibr in 0.11, mod_invites_register_web)
+	event.reason, event.error_type, event.error_condition = e.text, e.type, e.condition;
+end
+
+local legacy_invite_stream_feature = st.stanza("register", { xmlns = "urn:xmpp:invite" }):up();
+local invite_stream_feature = st.stanza("register", { xmlns = "urn:xmpp:ibr-token:0" }):up();
+module:hook("stream-features", function(event)
+	local session, features = event.origin, event.features;
+
+	-- Advertise to unauthenticated clients only, and only where registration may happen.
+	if session.type ~= "c2s_unauthed" or (require_encryption and not session.secure) then
+		return;
+	end
+
+	features:add_child(legacy_invite_stream_feature);
+	features:add_child(invite_stream_feature);
+end);
+
+-- Client is submitting a preauth token to allow registration (XEP-0445)
+module:hook("stanza/iq/"..xmlns_pars..":preauth", function(event)
+	local origin, stanza = event.origin, event.stanza;
+	local iq_type = stanza.attr.type;
+	if iq_type == "result" or iq_type == "error" then
+		return true; -- never answer an answer
+	elseif iq_type ~= "set" then
+		origin.send(error_reply(stanza, "preauth-not-set"));
+		return true;
+	end
+
+	local token = stanza.tags[1].attr.token;
+	if not token or token == "" then
+		origin.send(error_reply(stanza, "no-token"));
+		return true;
+	end
+
+	local validated_invite, err = invites.get(token);
+	if not validated_invite then
+		origin.log("debug", "Preauth refused: %s", err);
+		origin.send(error_reply(stanza, err));
+		return true;
+	end
+	origin.log("debug", "Preauth accepted for invite %s", validated_invite.id);
+	origin.validated_invite = validated_invite;
+	origin.send(st.reply(stanza));
+	return true;
+end);
+
+-- Registration attempt - ensure a valid preauth token has been supplied, and hold one
+-- use of it. Runs after other user-registering handlers, so a registration another module
+-- refuses never holds a use.
+module:hook("user-registering", function (event)
+	if event.allowed == false then return; end
+	local validated_invite = event.validated_invite or (event.session and event.session.validated_invite);
+	local username = event.username;
+
+	if not validated_invite then
+		if invite_only then
+			refuse_registration(event, "invite-only");
+			return;
+		end
+		-- Open registration, but names promised to invitees stay theirs.
+		local reserved, err = invites.is_username_reserved(username);
+		if reserved == nil then
+			refuse_registration(event, err);
+		elseif reserved then
+			refuse_registration(event, "username-reserved");
+		end
+		return;
+	end
+
+	local ok, err = validated_invite:reserve(username);
+	if not ok then
+		module:log("debug", "Registration of %s with invite %s refused: %s", username, validated_invite.id, err);
+		local text;
+		if err == "username-mismatch" and validated_invite.bound_username then
+			text = ("This invitation is for the username '%s' only"):format(validated_invite.bound_username);
+		end
+		refuse_registration(event, err, text);
+		return;
+	end
+	if validated_invite.reset then
+		event.allow_reset = validated_invite.reset;
+	end
+end, -10);
+
+-- A registration that failed after user-registering (storage error, lost race for the
+-- username) gives back the use it held, at once.
+module:wrap_event("stanza/iq/jabber:iq:register:query", function (handlers, event_name, event_data)
+	local ret = handlers(event_name, event_data);
+	local validated_invite = event_data.origin and event_data.origin.validated_invite;
+	if validated_invite then
+		local ok, err = validated_invite:release();
+		if ok == nil then
+			module:log("warn", "Could not give back the use held by invite %s: %s", validated_invite.id, err);
+		end
+	end
+	return ret;
+end);
+
+-- Make a *one-way* subscription: user sees when contact is online.
+local function subscribe(host, user_username, contact_username)
+	local user_jid = user_username.."@"..host;
+	local contact_jid = contact_username.."@"..host;
+	rostermanager.set_contact_pending_out(user_username, host, contact_jid);
+	rostermanager.set_contact_pending_in(contact_username, host, user_jid);
+	rostermanager.subscribed(contact_username, host, user_jid);
+	rostermanager.process_inbound_subscription_approval(user_username, host, contact_jid);
+end
+
+-- COMPAT: Prosody 13 has a role API (primary role + secondary roles, invites carry a list);
+-- 0.12 keeps a set of role names per user in the "roles" store.
+local function import_roles(username, roles)
+	if usermanager.set_user_role then
+		local list = {};
+		for k, v in pairs(roles) do
+			if type(k) == "number" then table.insert(list, v); elseif v then table.insert(list, k); end
+		end
+		if list[1] then
+			usermanager.set_user_role(username, module.host, list[1]);
+			for i = 2, #list do
+				usermanager.add_user_secondary_role(username, module.host, list[i]);
+			end
+		end
+	else
+		local ok, err = module:open_store("roles"):set(username, roles);
+		if not ok then
+			module:log("error", "Could not store roles of new user %s: %s", username, err);
+		end
+	end
+end
+
+local function import_groups(username, groups)
+	local mod_groups = modulemanager.get_module(module.host, "groups_internal");
+	if not mod_groups then
+		module:log("warn", "Invite for %s names groups, but mod_groups_internal is not loaded", username);
+		return;
+	end
+	for _, group_id in ipairs(groups) do
+		mod_groups.add_member(group_id, username);
+	end
+end
+
+-- Registration successful: spend the use, then apply what the invite grants.
+module:hook("user-registered", function (event)
+	local validated_invite = event.validated_invite or (event.session and event.session.validated_invite);
+	if not validated_invite then
+		return;
+	end
+	local contact_username = event.username;
+	local ok, err = validated_invite:confirm();
+	if not ok then
+		module:log("warn", "Account %s was created, but its invite %s could not be marked used: %s",
+			contact_username, validated_invite.id, err);
+	end
+
+	local inviter_username = validated_invite.type == "roster" and validated_invite.inviter;
+	if inviter_username then
+		module:log("debug", "Creating mutual subscription between %s and %s", inviter_username, contact_username);
+		subscribe(module.host, inviter_username, contact_username);
+		subscribe(module.host, contact_username, inviter_username);
+		rostermanager.roster_push(inviter_username, module.host, contact_username.."@"..module.host);
+	end
+
+	local additional_data = validated_invite.additional_data;
+	if type(additional_data) == "table" then
+		if type(additional_data.roles) == "table" and next(additional_data.roles) then
+			module:log("debug", "Importing roles from invite");
+			import_roles(contact_username, additional_data.roles);
+		end
+		if type(additional_data.groups) == "table" and additional_data.groups[1] then
+			import_groups(contact_username, additional_data.groups);
+		end
+	end
+end);
+
+-- Equivalent of user-registered but for when the account already existed
+-- (i.e. password reset)
+module:hook("user-password-reset", function (event)
+	local validated_invite = event.validated_invite or (event.session and event.session.validated_invite);
+	if not validated_invite then
+		return;
+	end
+	local ok, err = validated_invite:confirm();
+	if not ok then
+		module:log("warn", "Password of %s was reset, but invite %s could not be marked used: %s",
+			event.username, validated_invite.id, err);
+	end
+end);
+
+-- Send the inviter's current presence to a contact just approved (as mod_presence would).
+local function send_presence_of_available_resources(username, host, contact)
+	local user = prosody.bare_sessions[username.."@"..host];
+	if not user then return; end
+	for _, session in pairs(user.sessions) do
+		if session.presence then
+			local pres = st.clone(session.presence);
+			pres.attr.to = contact;
+			pres.attr.from = session.full_jid;
+			module:send(pres);
+		end
+	end
+end
+
+-- XEP-0379: Pre-Authenticated Roster Subscription
+module:hook("presence/bare", function (event)
+	local stanza = event.stanza;
+	if stanza.attr.type ~= "subscribe" then return; end
+
+	local preauth = stanza:get_child("preauth", xmlns_pars);
+	if not preauth then return; end
+	local token = preauth.attr.token;
+	-- The roster keeps pending subscription requests as stanzas: the token must not be in it.
+	stanza:remove_children("preauth", xmlns_pars);
+	if not token then return; end
+
+	local username, host = jid_split(stanza.attr.to);
+	local contact = jid_bare(stanza.attr.from);
+	if not username or not contact then return; end
+
+	local invite, err = invites.get(token, username);
+	if not invite then
+		-- Not an error for the sender: normal manual approval applies.
+		module:log("debug", "Subscription request to %s with an invalid invite (%s), leaving it to the user", username, err);
+		return;
+	end
+	local used, use_err = invite:use();
+	if not used then
+		module:log("debug", "Subscription invite %s not usable: %s", invite.id, use_err);
+		return;
+	end
+
+	module:log("debug", "Approving inbound subscription to %s from %s (invite %s)", username, contact, invite.id);
+	if not (rostermanager.set_contact_pending_in(username, host, contact)
+		and rostermanager.subscribed(username, host, contact)) then
+		module:log("error", "Could not approve the subscription of %s to %s (invite %s spent)", contact, username, invite.id);
+		return;
+	end
+	rostermanager.roster_push(username, host, contact);
+
+	-- Approve to the sender whether or not the inviter is online.
+	local user_jid = username.."@"..host;
+	module:send(st.presence({ type = "subscribed", from = user_jid, to = contact }));
+	send_presence_of_available_resources(username, host, contact);
+
+	-- Send back a subscription request (goal is mutual subscription)
+	if not rostermanager.is_user_subscribed(username, host, contact)
+	and not rostermanager.is_contact_pending_out(username, host, contact) then
+		module:log("debug", "Sending automatic subscription request to %s from %s", contact, username);
+		if rostermanager.set_contact_pending_out(username, host, contact) then
+			rostermanager.roster_push(username, host, contact);
+			module:send(st.presence({ type = "subscribe", from = user_jid, to = contact }));
+		else
+			module:log("warn", "Failed to set contact pending out for %s", username);
+		end
+	end
+	return true;
+end, 1);

@@ -1,0 +1,105 @@
+//! The expected ways an invite operation can fail.
+//!
+//! Each variant has a stable hyphenated name (its `Display`), reused from Prosody's
+//! vocabulary where Prosody has one. The Lua shim maps these names to stanza errors
+//! in one table; nothing here carries a token.
+
+use std::fmt;
+
+/// Why an invite operation did not succeed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum InviteError {
+    /// No token was supplied.
+    NoToken,
+    /// The token is malformed, unknown, or not valid for this kind of use.
+    TokenInvalid,
+    /// The invite passed its expiry time.
+    TokenExpired,
+    /// Every use of the invite has been spent (or is being spent right now).
+    TokenUsed,
+    /// An administrator revoked the invite.
+    TokenRevoked,
+    /// The invite is bound to another username.
+    UsernameMismatch,
+    /// The username is held for a pending invite.
+    UsernameReserved,
+    /// The requested account already exists (and the invite is not a reset).
+    UsernameTaken,
+    /// A password-reset invite names an account that does not exist.
+    AccountNotFound,
+    /// Storage failed or returned something unreadable; nothing was changed.
+    Storage,
+}
+
+impl InviteError {
+    /// The stable name handed to Lua as the second return value.
+    pub fn name(&self) -> &'static str {
+        match self {
+            InviteError::NoToken => "no-token",
+            InviteError::TokenInvalid => "token-invalid",
+            InviteError::TokenExpired => "token-expired",
+            InviteError::TokenUsed => "token-used",
+            InviteError::TokenRevoked => "token-revoked",
+            InviteError::UsernameMismatch => "username-mismatch",
+            InviteError::UsernameReserved => "username-reserved",
+            InviteError::UsernameTaken => "username-taken",
+            InviteError::AccountNotFound => "account-not-found",
+            InviteError::Storage => "internal-server-error",
+        }
+    }
+}
+
+impl fmt::Display for InviteError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::error::Error for InviteError {}
+
+/// A failure reported by the storage backend (Prosody's store API).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreError {
+    /// The backend reported an error; the text is the backend's own and holds no token.
+    Backend(String),
+    /// The backend returned a value of a shape we never write.
+    Malformed(String),
+}
+
+impl fmt::Display for StoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StoreError::Backend(e) => write!(f, "storage error: {e}"),
+            StoreError::Malformed(e) => write!(f, "malformed stored value: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for StoreError {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_stable_and_hyphenated() {
+        let all = [
+            InviteError::NoToken,
+            InviteError::TokenInvalid,
+            InviteError::TokenExpired,
+            InviteError::TokenUsed,
+            InviteError::TokenRevoked,
+            InviteError::UsernameMismatch,
+            InviteError::UsernameReserved,
+            InviteError::UsernameTaken,
+            InviteError::AccountNotFound,
+            InviteError::Storage,
+        ];
+        for e in all {
+            let name = e.to_string();
+            assert!(name.chars().all(|c| c.is_ascii_lowercase() || c == '-'));
+        }
+        assert_eq!(InviteError::Storage.name(), "internal-server-error");
+    }
+}

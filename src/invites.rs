@@ -1,0 +1,784 @@
+//! Invite operations: each one a read-check-write sequence over one record.
+//!
+//! `Invites` owns the storage layout (see `record.rs`) and applies the state machine
+//! (see `state.rs`). It never reads more than the records an operation is about, and it
+//! logs only short ids, never tokens.
+
+use serde_json::Value;
+
+use crate::error::{InviteError, StoreError};
+use crate::record::{InviteKind, InviteRecord, NameIndex, StoredState, RECORD_VERSION};
+use crate::state::Claim;
+use crate::store::{Backend, Level, Space};
+use crate::token::{short_id_of_key, Token};
+use crate::uri::invite_uri;
+
+/// What a caller asks for when creating an invite.
+#[derive(Clone, Debug)]
+pub struct NewInvite {
+    pub kind: InviteKind,
+    pub jid: String,
+    pub allow_registration: bool,
+    pub additional_data: Option<Value>,
+    pub ttl: i64,
+    pub reusable: bool,
+    pub max_uses: Option<u32>,
+    /// Account invites: the only username they may register.
+    pub username: Option<String>,
+    /// Reset invites: the account whose password may be reset.
+    pub reset: Option<String>,
+    /// Roster invites: the local user whose contact the invitee becomes.
+    pub inviter: Option<String>,
+}
+
+/// A freshly created invite: the only place the token is handed out.
+#[derive(Debug)]
+pub struct Created {
+    pub token: Token,
+    pub key: String,
+    pub record: InviteRecord,
+}
+
+impl Created {
+    pub fn uri(&self) -> String {
+        record_uri(&self.record, &self.token)
+    }
+}
+
+/// An invite found from a token the caller presented.
+#[derive(Debug)]
+pub struct Found {
+    pub key: String,
+    pub record: InviteRecord,
+}
+
+/// The URI of an invite, given its token (which the record does not hold).
+pub fn record_uri(record: &InviteRecord, token: &Token) -> String {
+    let params =
+        (record.kind == InviteKind::Roster && record.allow_registration).then_some("ibr=y");
+    invite_uri(record.kind.as_str(), &record.jid, token.expose(), params)
+}
+
+/// A previously stored invite of Prosody's own `mod_invites`, to be imported.
+#[derive(Clone, Debug)]
+pub struct LegacyInvite {
+    pub kind: InviteKind,
+    pub jid: String,
+    pub allow_registration: bool,
+    pub additional_data: Option<Value>,
+    pub created_at: i64,
+    pub expires: i64,
+    pub reusable: bool,
+    /// Set when the token was also stored as a contact invite of this user.
+    pub contact_of: Option<String>,
+}
+
+pub struct Invites<B: Backend> {
+    backend: B,
+}
+
+impl<B: Backend> Invites<B> {
+    pub fn new(backend: B) -> Invites<B> {
+        Invites { backend }
+    }
+
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    fn storage_failed(&self, what: &str, id: &str, e: &StoreError) -> InviteError {
+        self.backend
+            .log(Level::Error, &format!("could not {what} invite {id}: {e}"));
+        InviteError::Storage
+    }
+
+    /// Loads the record under `key`. A record that cannot be decoded is logged once and
+    /// reported as `token-invalid`: it never raises and never grants anything.
+    fn load(&self, key: &str) -> Result<InviteRecord, InviteError> {
+        let id = short_id_of_key(key);
+        let text = match self.backend.get(Space::Invites, key) {
+            Ok(Some(text)) => text,
+            Ok(None) => return Err(InviteError::TokenInvalid),
+            Err(StoreError::Malformed(what)) => {
+                self.backend.log(
+                    Level::Warn,
+                    &format!("ignoring corrupt invite record {id}: {what}"),
+                );
+                return Err(InviteError::TokenInvalid);
+            }
+            Err(e) => return Err(self.storage_failed("read", &id, &e)),
+        };
+        InviteRecord::decode(&text, key).map_err(|e| {
+            self.backend.log(
+                Level::Warn,
+                &format!("ignoring corrupt invite record {id}: {e}"),
+            );
+            InviteError::TokenInvalid
+        })
+    }
+
+    fn save(&self, key: &str, record: &InviteRecord) -> Result<(), InviteError> {
+        self.backend
+            .put(Space::Invites, key, Some(&record.encode()))
+            .map_err(|e| self.storage_failed("write", &short_id_of_key(key), &e))
+    }
+
+    fn find(&self, token: &str) -> Result<Found, InviteError> {
+        let token = Token::parse(token)?;
+        let key = token.hash().key();
+        let record = self.load(&key)?;
+        Ok(Found { key, record })
+    }
+
+    pub fn create(&self, spec: NewInvite, now: i64) -> Result<Created, InviteError> {
+        let token = Token::generate();
+        let hash = token.hash();
+        let key = hash.key();
+        let record = InviteRecord {
+            v: RECORD_VERSION,
+            hash: hash.tagged(),
+            kind: spec.kind,
+            jid: spec.jid,
+            allow_registration: spec.allow_registration,
+            additional_data: spec.additional_data,
+            created_at: now,
+            expires: now.saturating_add(spec.ttl),
+            reusable: spec.reusable || spec.max_uses.is_some_and(|n| n > 1),
+            max_uses: spec.max_uses,
+            uses: 0,
+            state: StoredState::Pending,
+            changed_at: None,
+            reservations: Vec::new(),
+            username: spec.username,
+            reset: spec.reset,
+            inviter: spec.inviter,
+        };
+        self.save(&key, &record)?;
+        if let Some(name) = reserved_name(&record) {
+            if let Err(e) = self.index_name(name, &key, record.expires) {
+                // Without its reservation the invite must not exist: undo.
+                let _ = self.backend.put(Space::Invites, &key, None);
+                return Err(e);
+            }
+        }
+        self.backend.log(
+            Level::Debug,
+            &format!(
+                "created {} invite {}",
+                record.kind.as_str(),
+                hash.short_id()
+            ),
+        );
+        Ok(Created { token, key, record })
+    }
+
+    /// A valid invite for `token`, for account creation (`contact_of` = None) or for
+    /// subscribing to the local user `contact_of` (XEP-0379).
+    pub fn validate(
+        &self,
+        token: &str,
+        contact_of: Option<&str>,
+        now: i64,
+    ) -> Result<Found, InviteError> {
+        let found = self.find(token)?;
+        let r = &found.record;
+        match contact_of {
+            Some(user) => {
+                if r.kind != InviteKind::Roster || r.inviter.as_deref() != Some(user) {
+                    return Err(InviteError::TokenInvalid);
+                }
+            }
+            None => {
+                if !r.allow_registration {
+                    return Err(InviteError::TokenInvalid);
+                }
+            }
+        }
+        r.check_valid(now)?;
+        Ok(found)
+    }
+
+    /// Holds one use for the registration `claim` describes; see `state.rs`.
+    pub fn reserve(&self, token: &str, claim: &Claim<'_>, now: i64) -> Result<Found, InviteError> {
+        let Found { key, mut record } = self.find(token)?;
+        record.reserve(claim, now)?;
+        if record.username.as_deref() != Some(claim.username) && record.reset.is_none() {
+            // The name may be held for somebody else's invite.
+            if self.username_reserved(claim.username, now, Some(&key))? {
+                return Err(InviteError::UsernameReserved);
+            }
+        }
+        self.save(&key, &record)?;
+        Ok(Found { key, record })
+    }
+
+    /// The registration holding `holder` succeeded.
+    pub fn confirm(&self, token: &str, holder: &str, now: i64) -> Result<Found, InviteError> {
+        let Found { key, mut record } = self.find(token)?;
+        let outcome = record.confirm(holder, now);
+        if outcome.is_err() {
+            self.backend.log(
+                Level::Warn,
+                &format!(
+                    "an account was created after every use of invite {} was spent",
+                    short_id_of_key(&key)
+                ),
+            );
+        }
+        outcome?;
+        self.save(&key, &record)?;
+        self.after_change(&key, &record);
+        Ok(Found { key, record })
+    }
+
+    /// The registration holding `holder` failed; its use is given back.
+    pub fn release(&self, token: &str, holder: &str) -> Result<bool, InviteError> {
+        let Found { key, mut record } = self.find(token)?;
+        if !record.release(holder) {
+            return Ok(false);
+        }
+        self.save(&key, &record)?;
+        Ok(true)
+    }
+
+    /// Spends one use directly (`invite:use()`, accepted XEP-0379 subscriptions).
+    pub fn consume(
+        &self,
+        token: &str,
+        contact_of: Option<&str>,
+        now: i64,
+    ) -> Result<Found, InviteError> {
+        let Found { key, mut record } = self.validate(token, contact_of, now)?;
+        record.consume(now)?;
+        self.save(&key, &record)?;
+        self.after_change(&key, &record);
+        Ok(Found { key, record })
+    }
+
+    /// Revokes the invite for `token`. Already used or revoked invites stay as they are.
+    pub fn revoke(&self, token: &str, now: i64) -> Result<Found, InviteError> {
+        let Found { key, mut record } = self.find(token)?;
+        if record.state == StoredState::Pending {
+            record.revoke(now);
+            self.save(&key, &record)?;
+            self.after_change(&key, &record);
+        }
+        Ok(Found { key, record })
+    }
+
+    /// Is `username` held for a pending invite (other than the one under `except_key`)?
+    pub fn username_reserved(
+        &self,
+        username: &str,
+        now: i64,
+        except_key: Option<&str>,
+    ) -> Result<bool, InviteError> {
+        let index = match self.load_index(username)? {
+            Some(index) => index,
+            None => return Ok(false),
+        };
+        for (key, expires) in &index.invites {
+            if Some(key.as_str()) == except_key || *expires < now {
+                continue;
+            }
+            match self.load(key) {
+                Ok(record) if record.check_valid(now).is_ok() => return Ok(true),
+                Ok(_) | Err(InviteError::TokenInvalid) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(false)
+    }
+
+    /// The record stored under `key`, for listings. Corrupt records are logged and skipped.
+    pub fn listed(&self, key: &str) -> Result<Option<InviteRecord>, InviteError> {
+        if crate::token::TokenHash::from_key(key).is_none() {
+            return Ok(None);
+        }
+        match self.load(key) {
+            Ok(record) => Ok(Some(record)),
+            Err(InviteError::TokenInvalid) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Imports one invite of Prosody's own store under its token's hash. Returns whether
+    /// a record was written (expired or already imported invites are not).
+    pub fn import_legacy(
+        &self,
+        token: &str,
+        legacy: LegacyInvite,
+        now: i64,
+    ) -> Result<bool, InviteError> {
+        let token = Token::parse(token)?;
+        let hash = token.hash();
+        let key = hash.key();
+        if now > legacy.expires {
+            return Ok(false);
+        }
+        match self.backend.get(Space::Invites, &key) {
+            Ok(Some(_)) => return Ok(false),
+            Ok(None) => {}
+            Err(e) => return Err(self.storage_failed("read", &hash.short_id(), &e)),
+        }
+        let (username, reset) = legacy_binding(&legacy);
+        let inviter = match legacy.kind {
+            InviteKind::Roster => legacy
+                .contact_of
+                .clone()
+                .or_else(|| node_of(&legacy.jid).map(str::to_owned)),
+            InviteKind::Register => None,
+        };
+        let record = InviteRecord {
+            v: RECORD_VERSION,
+            hash: hash.tagged(),
+            kind: legacy.kind,
+            jid: legacy.jid,
+            allow_registration: legacy.allow_registration,
+            additional_data: legacy.additional_data,
+            created_at: legacy.created_at,
+            expires: legacy.expires,
+            reusable: legacy.reusable,
+            max_uses: None,
+            uses: 0,
+            state: StoredState::Pending,
+            changed_at: None,
+            reservations: Vec::new(),
+            username,
+            reset,
+            inviter,
+        };
+        self.save(&key, &record)?;
+        if let Some(name) = reserved_name(&record) {
+            self.index_name(name, &key, record.expires)?;
+        }
+        self.backend.log(
+            Level::Info,
+            &format!(
+                "imported {} invite {} from mod_invites",
+                record.kind.as_str(),
+                hash.short_id()
+            ),
+        );
+        Ok(true)
+    }
+
+    fn load_index(&self, username: &str) -> Result<Option<NameIndex>, InviteError> {
+        match self.backend.get(Space::Names, username) {
+            Ok(None) => Ok(None),
+            Ok(Some(text)) => match NameIndex::decode(&text) {
+                Ok(index) => Ok(Some(index)),
+                Err(e) => {
+                    self.backend.log(
+                        Level::Warn,
+                        &format!("ignoring corrupt username index: {e}"),
+                    );
+                    Ok(None)
+                }
+            },
+            Err(StoreError::Malformed(what)) => {
+                self.backend.log(
+                    Level::Warn,
+                    &format!("ignoring corrupt username index: {what}"),
+                );
+                Ok(None)
+            }
+            Err(e) => Err(self.storage_failed("read username index for", "-", &e)),
+        }
+    }
+
+    fn index_name(&self, username: &str, key: &str, expires: i64) -> Result<(), InviteError> {
+        let mut index = self.load_index(username)?.unwrap_or(NameIndex {
+            v: RECORD_VERSION,
+            ..NameIndex::default()
+        });
+        index.invites.insert(key.to_owned(), expires);
+        self.backend
+            .put(Space::Names, username, Some(&index.encode()))
+            .map_err(|e| self.storage_failed("index", &short_id_of_key(key), &e))
+    }
+
+    /// Once an invite can no longer register anybody, it stops reserving its name.
+    /// Best effort: a stale index entry is ignored by `username_reserved` anyway.
+    fn after_change(&self, key: &str, record: &InviteRecord) {
+        if record.state == StoredState::Pending {
+            return;
+        }
+        let Some(name) = reserved_name(record) else {
+            return;
+        };
+        let Ok(Some(mut index)) = self.load_index(name) else {
+            return;
+        };
+        if index.invites.remove(key).is_none() {
+            return;
+        }
+        let encoded = index.encode();
+        let value = if index.invites.is_empty() {
+            None
+        } else {
+            Some(encoded.as_str())
+        };
+        if let Err(e) = self.backend.put(Space::Names, name, value) {
+            self.backend.log(
+                Level::Warn,
+                &format!(
+                    "could not update username index for invite {}: {e}",
+                    short_id_of_key(key)
+                ),
+            );
+        }
+    }
+}
+
+/// The username an invite holds for its invitee: bound account invites, not resets.
+fn reserved_name(record: &InviteRecord) -> Option<&str> {
+    if record.reset.is_some() || !record.allow_registration {
+        return None;
+    }
+    record.username.as_deref()
+}
+
+fn node_of(jid: &str) -> Option<&str> {
+    jid.split_once('@')
+        .map(|(node, _)| node)
+        .filter(|n| !n.is_empty())
+}
+
+fn legacy_binding(legacy: &LegacyInvite) -> (Option<String>, Option<String>) {
+    let reset = legacy
+        .additional_data
+        .as_ref()
+        .and_then(|d| d.get("allow_reset"))
+        .and_then(Value::as_str)
+        .map(str::to_owned);
+    let username = match legacy.kind {
+        InviteKind::Register => node_of(&legacy.jid).map(str::to_owned),
+        InviteKind::Roster => None,
+    };
+    (username, reset)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::Status;
+    use crate::store::MemoryBackend;
+
+    fn book() -> Invites<MemoryBackend> {
+        Invites::new(MemoryBackend::new())
+    }
+
+    fn account(username: Option<&str>) -> NewInvite {
+        NewInvite {
+            kind: InviteKind::Register,
+            jid: match username {
+                Some(u) => format!("{u}@example.com"),
+                None => String::from("example.com"),
+            },
+            allow_registration: true,
+            additional_data: None,
+            ttl: 100,
+            reusable: false,
+            max_uses: None,
+            username: username.map(str::to_owned),
+            reset: None,
+            inviter: None,
+        }
+    }
+
+    fn contact(inviter: &str, allow_registration: bool) -> NewInvite {
+        NewInvite {
+            kind: InviteKind::Roster,
+            jid: format!("{inviter}@example.com"),
+            allow_registration,
+            additional_data: None,
+            ttl: 100,
+            reusable: false,
+            max_uses: None,
+            username: None,
+            reset: None,
+            inviter: Some(inviter.to_owned()),
+        }
+    }
+
+    fn claim<'a>(holder: &'a str, username: &'a str, now: i64) -> Claim<'a> {
+        Claim {
+            holder,
+            username,
+            account_exists: false,
+            validated_at: now,
+            lease_until: now + 60,
+        }
+    }
+
+    fn everything_stored(b: &Invites<MemoryBackend>) -> String {
+        let slots = b.backend().slots.borrow();
+        slots
+            .iter()
+            .map(|((_, k), v)| format!("{k}={v}\n"))
+            .collect()
+    }
+
+    #[test]
+    fn create_stores_one_record_under_the_hash_and_never_the_token() {
+        let b = book();
+        let c = b.create(account(None), 1000).unwrap();
+        assert_eq!(b.backend().count(Space::Invites), 1);
+        let token = c.token.expose().to_owned();
+        assert!(!everything_stored(&b).contains(&token));
+        assert!(b
+            .backend()
+            .logs
+            .borrow()
+            .iter()
+            .all(|(_, m)| !m.contains(&token)));
+        assert_eq!(c.key, c.token.hash().key());
+        assert_eq!(
+            c.uri(),
+            format!("xmpp:example.com?register;preauth={token}")
+        );
+        assert_eq!(c.record.expires, 1100);
+    }
+
+    #[test]
+    fn validate_finds_valid_invites_and_refuses_the_rest() {
+        let b = book();
+        let c = b.create(account(None), 1000).unwrap();
+        let t = c.token.expose();
+        assert!(b.validate(t, None, 1050).is_ok());
+        assert_eq!(
+            b.validate(t, None, 1101).err(),
+            Some(InviteError::TokenExpired)
+        );
+        assert_eq!(
+            b.validate("unknown", None, 1050).err(),
+            Some(InviteError::TokenInvalid)
+        );
+        assert_eq!(
+            b.validate("bad token!", None, 1050).err(),
+            Some(InviteError::TokenInvalid)
+        );
+        assert_eq!(b.validate("", None, 1050).err(), Some(InviteError::NoToken));
+        // An account invite is no contact invite.
+        assert_eq!(
+            b.validate(t, Some("romeo"), 1050).err(),
+            Some(InviteError::TokenInvalid)
+        );
+    }
+
+    #[test]
+    fn two_sessions_one_single_use_token_one_account() {
+        let b = book();
+        let c = b.create(account(None), 1000).unwrap();
+        let t = c.token.expose();
+        // preauth A, preauth B
+        b.validate(t, None, 1001).unwrap();
+        b.validate(t, None, 1001).unwrap();
+        // register A
+        b.reserve(t, &claim("A", "alice", 1001), 1002).unwrap();
+        b.confirm(t, "A", 1002).unwrap();
+        // register B
+        assert_eq!(
+            b.reserve(t, &claim("B", "bob", 1001), 1003).err(),
+            Some(InviteError::TokenUsed)
+        );
+        // A again, for another account
+        assert_eq!(
+            b.reserve(t, &claim("A", "carol", 1001), 1003).err(),
+            Some(InviteError::TokenUsed)
+        );
+        let record = b.validate(t, None, 1003).err();
+        assert_eq!(record, Some(InviteError::TokenUsed));
+    }
+
+    #[test]
+    fn failed_registration_does_not_consume() {
+        let b = book();
+        let c = b.create(account(None), 1000).unwrap();
+        let t = c.token.expose();
+        b.reserve(t, &claim("A", "alice", 1001), 1001).unwrap();
+        assert!(b.release(t, "A").unwrap());
+        b.reserve(t, &claim("A", "alice2", 1001), 1002).unwrap();
+        b.confirm(t, "A", 1002).unwrap();
+    }
+
+    #[test]
+    fn bound_username_is_reserved_while_pending() {
+        let b = book();
+        let c = b.create(account(Some("alice")), 1000).unwrap();
+        let other = b.create(account(None), 1000).unwrap();
+        assert!(b.username_reserved("alice", 1001, None).unwrap());
+        assert!(!b.username_reserved("bob", 1001, None).unwrap());
+        // Another invite cannot take the name...
+        assert_eq!(
+            b.reserve(other.token.expose(), &claim("B", "alice", 1001), 1001)
+                .err(),
+            Some(InviteError::UsernameReserved)
+        );
+        // ...and the bound invite registers only alice.
+        let t = c.token.expose();
+        assert_eq!(
+            b.reserve(t, &claim("A", "mallory", 1001), 1001).err(),
+            Some(InviteError::UsernameMismatch)
+        );
+        b.reserve(t, &claim("A", "alice", 1001), 1001).unwrap();
+        b.confirm(t, "A", 1001).unwrap();
+        assert!(!b.username_reserved("alice", 1001, None).unwrap());
+        assert_eq!(b.backend().count(Space::Names), 0);
+        // Expired invites stop reserving.
+        b.create(account(Some("zed")), 1000).unwrap();
+        assert!(b.username_reserved("zed", 1100, None).unwrap());
+        assert!(!b.username_reserved("zed", 1101, None).unwrap());
+    }
+
+    #[test]
+    fn revocation_is_immediate_and_frees_the_name() {
+        let b = book();
+        let c = b.create(account(Some("alice")), 1000).unwrap();
+        let t = c.token.expose();
+        b.validate(t, None, 1001).unwrap();
+        b.reserve(t, &claim("A", "alice", 1001), 1001).unwrap();
+        b.revoke(t, 1002).unwrap();
+        assert_eq!(
+            b.validate(t, None, 1003).err(),
+            Some(InviteError::TokenRevoked)
+        );
+        assert_eq!(
+            b.reserve(t, &claim("A", "alice", 1001), 1003).err(),
+            Some(InviteError::TokenRevoked)
+        );
+        assert!(!b.username_reserved("alice", 1003, None).unwrap());
+        let r = b.listed(&c.key).unwrap().unwrap();
+        assert_eq!(r.status(1003), Status::Revoked);
+    }
+
+    #[test]
+    fn contact_invites_check_the_inviter_and_are_spent_once() {
+        let b = book();
+        let c = b.create(contact("romeo", false), 1000).unwrap();
+        let t = c.token.expose();
+        assert_eq!(
+            c.uri(),
+            format!("xmpp:romeo@example.com?roster;preauth={t}")
+        );
+        assert_eq!(
+            b.validate(t, None, 1001).err(),
+            Some(InviteError::TokenInvalid)
+        );
+        assert_eq!(
+            b.validate(t, Some("juliet"), 1001).err(),
+            Some(InviteError::TokenInvalid)
+        );
+        b.validate(t, Some("romeo"), 1001).unwrap();
+        b.consume(t, Some("romeo"), 1001).unwrap();
+        assert_eq!(
+            b.validate(t, Some("romeo"), 1001).err(),
+            Some(InviteError::TokenUsed)
+        );
+        // A revoked contact invite no longer approves anything.
+        let c2 = b.create(contact("romeo", true), 1000).unwrap();
+        let t2 = c2.token.expose();
+        assert!(c2.uri().ends_with(";ibr=y"));
+        b.revoke(t2, 1001).unwrap();
+        assert_eq!(
+            b.validate(t2, Some("romeo"), 1001).err(),
+            Some(InviteError::TokenRevoked)
+        );
+    }
+
+    #[test]
+    fn corrupt_records_are_logged_without_secrets_and_refused() {
+        let b = book();
+        let c = b.create(account(None), 1000).unwrap();
+        b.backend().set_raw(Space::Invites, &c.key, "{not json");
+        assert_eq!(
+            b.validate(c.token.expose(), None, 1001).err(),
+            Some(InviteError::TokenInvalid)
+        );
+        let logs = b.backend().logs.borrow();
+        let (level, line) = logs.last().unwrap();
+        assert_eq!(*level, Level::Warn);
+        assert!(line.contains(&c.token.hash().short_id()));
+        assert!(!line.contains(c.token.expose()));
+    }
+
+    #[test]
+    fn storage_failures_change_nothing_and_say_internal_server_error() {
+        let b = book();
+        let c = b.create(account(None), 1000).unwrap();
+        let t = c.token.expose().to_owned();
+        let before = everything_stored(&b);
+        // Fail at every step of reserve/confirm: nothing may end up consumed.
+        for fail_at in 0..4 {
+            b.backend().fail_after.set(Some(fail_at));
+            let r = b
+                .reserve(&t, &claim("A", "alice", 1001), 1001)
+                .and_then(|_| b.confirm(&t, "A", 1001));
+            b.backend().fail_after.set(None);
+            if let Err(e) = r {
+                assert_eq!(e, InviteError::Storage);
+                let _ = b.release(&t, "A");
+                assert_eq!(everything_stored(&b), before, "fail_at={fail_at}");
+            } else {
+                break;
+            }
+        }
+        b.backend().fail_after.set(Some(0));
+        assert_eq!(
+            b.create(account(None), 1000).err(),
+            Some(InviteError::Storage)
+        );
+        b.backend().fail_after.set(None);
+    }
+
+    #[test]
+    fn create_rolls_back_if_the_name_cannot_be_reserved() {
+        let b = book();
+        b.backend().fail_after.set(Some(2)); // save ok, index read ok, index write fails
+        assert_eq!(
+            b.create(account(Some("alice")), 1000).err(),
+            Some(InviteError::Storage)
+        );
+        b.backend().fail_after.set(None);
+        assert_eq!(b.backend().count(Space::Invites), 0);
+    }
+
+    #[test]
+    fn legacy_invites_import_under_their_hash() {
+        let b = book();
+        let legacy = LegacyInvite {
+            kind: InviteKind::Register,
+            jid: String::from("alice@example.com"),
+            allow_registration: true,
+            additional_data: Some(serde_json::json!({"allow_reset": "alice"})),
+            created_at: 900,
+            expires: 2000,
+            reusable: false,
+            contact_of: None,
+        };
+        assert!(b
+            .import_legacy("OldToken16chars_", legacy.clone(), 1000)
+            .unwrap());
+        assert!(!b
+            .import_legacy("OldToken16chars_", legacy.clone(), 1000)
+            .unwrap());
+        let found = b.validate("OldToken16chars_", None, 1000).unwrap();
+        assert_eq!(found.record.reset.as_deref(), Some("alice"));
+        assert_eq!(found.record.username.as_deref(), Some("alice"));
+        let mut expired = legacy;
+        expired.expires = 999;
+        assert!(!b.import_legacy("Another16chars__", expired, 1000).unwrap());
+        assert!(!everything_stored(&b).contains("OldToken16chars_"));
+    }
+
+    #[test]
+    fn listed_skips_foreign_and_corrupt_entries() {
+        let b = book();
+        let c = b.create(account(None), 1000).unwrap();
+        assert!(b.listed(&c.key).unwrap().is_some());
+        assert!(b.listed("not-a-key").unwrap().is_none());
+        b.backend().set_raw(Space::Invites, &c.key, "[]");
+        assert!(b.listed(&c.key).unwrap().is_none());
+    }
+}

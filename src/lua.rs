@@ -1,0 +1,545 @@
+//! The Lua adapter: converts between Lua values and the core, and nothing else.
+//!
+//! Exports (`require`d through `package.loadlib`):
+//! - `new{ invites = store, names = store, log = function(level, message) }` → book
+//!   where the stores are Prosody keyval stores (`module:open_store(...)`).
+//! - book methods `create`, `get`, `reserve`, `confirm`, `release`, `use`, `revoke`,
+//!   `username_reserved`, `listed`, `import_legacy` (see `lua/mod_invites/mod_invites.lua`).
+//!
+//! Wrong argument types raise (API misuse); expected failures return `nil, "error-name"`.
+//! No Rust panic crosses into Lua: every method runs under `catch_unwind` and reports a
+//! panic as `nil, "internal-server-error"`.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use mlua::{
+    DeserializeOptions, Function, IntoLuaMulti, Lua, LuaSerdeExt, MultiValue, SerializeOptions,
+    Table, UserData, UserDataMethods, Value, WeakLua,
+};
+
+use crate::error::{InviteError, StoreError};
+use crate::invites::{record_uri, Found, Invites, LegacyInvite, NewInvite};
+use crate::record::{InviteKind, InviteRecord};
+use crate::state::Claim;
+use crate::store::{Backend, Level, Space};
+use crate::token::{short_id_of_key, Token};
+
+/// Prosody keyval stores and a log function, as handed over by the shim.
+pub struct LuaBackend {
+    lua: WeakLua,
+    invites: Table,
+    names: Table,
+    log: Option<Function>,
+}
+
+impl LuaBackend {
+    fn store(&self, space: Space) -> &Table {
+        match space {
+            Space::Invites => &self.invites,
+            Space::Names => &self.names,
+        }
+    }
+}
+
+fn lua_error_text(e: &mlua::Error) -> String {
+    // Only the first line: tracebacks add nothing an admin can act on.
+    e.to_string().lines().next().unwrap_or("").to_owned()
+}
+
+impl Backend for LuaBackend {
+    fn get(&self, space: Space, owner: &str) -> Result<Option<String>, StoreError> {
+        let store = self.store(space);
+        let get: Function = store
+            .get("get")
+            .map_err(|e| StoreError::Backend(lua_error_text(&e)))?;
+        let (value, err): (Value, Value) = get
+            .call((store.clone(), owner))
+            .map_err(|e| StoreError::Backend(lua_error_text(&e)))?;
+        match value {
+            Value::Nil => match err {
+                Value::Nil => Ok(None),
+                other => Err(StoreError::Backend(describe(&other))),
+            },
+            Value::Table(t) => match t.raw_get::<Value>("record") {
+                Ok(Value::String(s)) => match s.to_str() {
+                    Ok(s) => Ok(Some(s.to_owned())),
+                    Err(_) => Err(StoreError::Malformed(String::from("record is not UTF-8"))),
+                },
+                Ok(other) => Err(StoreError::Malformed(format!(
+                    "record field is {}",
+                    other.type_name()
+                ))),
+                Err(e) => Err(StoreError::Malformed(lua_error_text(&e))),
+            },
+            other => Err(StoreError::Malformed(format!(
+                "stored value is {}",
+                other.type_name()
+            ))),
+        }
+    }
+
+    fn put(&self, space: Space, owner: &str, value: Option<&str>) -> Result<(), StoreError> {
+        let store = self.store(space);
+        let set: Function = store
+            .get("set")
+            .map_err(|e| StoreError::Backend(lua_error_text(&e)))?;
+        let lua = self
+            .lua
+            .try_upgrade()
+            .ok_or_else(|| StoreError::Backend(String::from("Lua state is gone")))?;
+        let data = match value {
+            Some(v) => {
+                let t = lua
+                    .create_table()
+                    .map_err(|e| StoreError::Backend(lua_error_text(&e)))?;
+                t.raw_set("record", v)
+                    .map_err(|e| StoreError::Backend(lua_error_text(&e)))?;
+                Value::Table(t)
+            }
+            None => Value::Nil,
+        };
+        let (ok, err): (Value, Value) = set
+            .call((store.clone(), owner, data))
+            .map_err(|e| StoreError::Backend(lua_error_text(&e)))?;
+        match ok {
+            Value::Nil | Value::Boolean(false) => Err(StoreError::Backend(describe(&err))),
+            _ => Ok(()),
+        }
+    }
+
+    fn log(&self, level: Level, message: &str) {
+        if let Some(log) = &self.log {
+            let _ = log.call::<()>((level.as_str(), message));
+        }
+    }
+}
+
+fn describe(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.to_string_lossy().lines().next().unwrap_or("").to_owned(),
+        Value::Nil => String::from("unknown error"),
+        other => format!("error value of type {}", other.type_name()),
+    }
+}
+
+/// The userdata handed to Lua.
+pub struct Book(Invites<LuaBackend>);
+
+// ---------------------------------------------------------------------------------------
+// Argument checking: mlua would coerce quietly, so every boundary value is checked here.
+
+fn bad_argument(n: usize, method: &str, expected: &str, got: &Value) -> mlua::Error {
+    mlua::Error::RuntimeError(format!(
+        "bad argument #{n} to '{method}' ({expected} expected, got {})",
+        got.type_name()
+    ))
+}
+
+fn integer(v: &Value, n: usize, method: &str) -> mlua::Result<i64> {
+    match v {
+        Value::Integer(i) => Ok(*i),
+        Value::Number(f) if f.fract() == 0.0 && f.abs() < 9.0e15 => Ok(*f as i64),
+        other => Err(bad_argument(n, method, "integer", other)),
+    }
+}
+
+fn opt_string(v: Value, n: usize, method: &str) -> mlua::Result<Option<String>> {
+    match v {
+        Value::Nil => Ok(None),
+        Value::String(s) => Ok(Some(s.to_str()?.to_owned())),
+        other => Err(bad_argument(n, method, "string or nil", &other)),
+    }
+}
+
+fn string(v: Value, n: usize, method: &str) -> mlua::Result<String> {
+    match v {
+        Value::String(s) => Ok(s.to_str()?.to_owned()),
+        other => Err(bad_argument(n, method, "string", &other)),
+    }
+}
+
+fn opt_field_string(t: &Table, name: &str, method: &str) -> mlua::Result<Option<String>> {
+    match t.raw_get::<Value>(name)? {
+        Value::Nil => Ok(None),
+        Value::String(s) => Ok(Some(s.to_str()?.to_owned())),
+        other => Err(bad_field(name, method, "string or nil", &other)),
+    }
+}
+
+fn opt_field_bool(t: &Table, name: &str, method: &str) -> mlua::Result<bool> {
+    match t.raw_get::<Value>(name)? {
+        Value::Nil => Ok(false),
+        Value::Boolean(b) => Ok(b),
+        other => Err(bad_field(name, method, "boolean or nil", &other)),
+    }
+}
+
+fn field_integer(t: &Table, name: &str, method: &str) -> mlua::Result<i64> {
+    let v: Value = t.raw_get(name)?;
+    integer(&v, 0, method).map_err(|_| bad_field(name, method, "integer", &v))
+}
+
+fn bad_field(name: &str, method: &str, expected: &str, got: &Value) -> mlua::Error {
+    mlua::Error::RuntimeError(format!(
+        "bad field '{name}' in argument to '{method}' ({expected} expected, got {})",
+        got.type_name()
+    ))
+}
+
+fn kind(t: &Table, method: &str) -> mlua::Result<InviteKind> {
+    match opt_field_string(t, "type", method)?.as_deref() {
+        Some("register") => Ok(InviteKind::Register),
+        Some("roster") => Ok(InviteKind::Roster),
+        _ => Err(mlua::Error::RuntimeError(format!(
+            "bad field 'type' in argument to '{method}' (\"register\" or \"roster\" expected)"
+        ))),
+    }
+}
+
+fn json_of(
+    lua: &Lua,
+    v: Value,
+    what: &str,
+    method: &str,
+) -> mlua::Result<Option<serde_json::Value>> {
+    if v.is_nil() {
+        return Ok(None);
+    }
+    let options = DeserializeOptions::new().deny_unsupported_types(true);
+    lua.from_value_with::<serde_json::Value>(v, options)
+        .map(Some)
+        .map_err(|e| {
+            mlua::Error::RuntimeError(format!(
+                "bad field '{what}' in argument to '{method}' (plain data expected: {e})"
+            ))
+        })
+}
+
+// ---------------------------------------------------------------------------------------
+// Results back to Lua.
+
+fn failure(lua: &Lua, e: InviteError) -> mlua::Result<MultiValue> {
+    (Value::Nil, e.name()).into_lua_multi(lua)
+}
+
+fn success<T: IntoLuaMulti>(lua: &Lua, v: T) -> mlua::Result<MultiValue> {
+    v.into_lua_multi(lua)
+}
+
+/// An invite as Prosody's `mod_invites` returns it, without token or URI (the caller adds
+/// them where it has the token). `id` is the short, non-secret name of the invite.
+fn invite_table(lua: &Lua, key: &str, r: &InviteRecord, now: i64) -> mlua::Result<Table> {
+    let t = lua.create_table()?;
+    t.raw_set("id", short_id_of_key(key))?;
+    t.raw_set("type", r.kind.as_str())?;
+    t.raw_set("jid", r.jid.as_str())?;
+    t.raw_set("allow_registration", r.allow_registration)?;
+    if let Some(data) = &r.additional_data {
+        let options = SerializeOptions::new()
+            .serialize_none_to_null(false)
+            .serialize_unit_to_null(false)
+            .set_array_metatable(false);
+        t.raw_set("additional_data", lua.to_value_with(data, options)?)?;
+    }
+    t.raw_set("created_at", r.created_at)?;
+    t.raw_set("expires", r.expires)?;
+    t.raw_set("reusable", r.reusable)?;
+    t.raw_set("inviter", r.inviter.as_deref())?;
+    // Prosody's `username` on a validated invite is the inviting user of a roster invite.
+    t.raw_set("username", r.inviter.as_deref())?;
+    t.raw_set("bound_username", r.username.as_deref())?;
+    t.raw_set("reset", r.reset.as_deref())?;
+    t.raw_set("uses", r.uses)?;
+    t.raw_set("max_uses", r.use_limit())?;
+    t.raw_set("uses_left", r.uses_left())?;
+    t.raw_set("status", r.status(now).as_str())?;
+    Ok(t)
+}
+
+fn with_token(lua: &Lua, found: &Found, token: &Token, now: i64) -> mlua::Result<Table> {
+    let t = invite_table(lua, &found.key, &found.record, now)?;
+    t.raw_set("token", token.expose())?;
+    t.raw_set("uri", record_uri(&found.record, token))?;
+    Ok(t)
+}
+
+/// Runs a method body so that a Rust panic becomes `nil, "internal-server-error"`.
+fn guarded<F>(lua: &Lua, body: F) -> mlua::Result<MultiValue>
+where
+    F: FnOnce() -> mlua::Result<MultiValue>,
+{
+    match catch_unwind(AssertUnwindSafe(body)) {
+        Ok(result) => result,
+        Err(_) => failure(lua, InviteError::Storage),
+    }
+}
+
+fn token_arg(v: Value, n: usize, method: &str) -> mlua::Result<Result<String, InviteError>> {
+    match v {
+        Value::Nil => Ok(Err(InviteError::NoToken)),
+        Value::String(s) => Ok(s
+            .to_str()
+            .map(|s| s.to_owned())
+            .map_err(|_| InviteError::TokenInvalid)),
+        other => Err(bad_argument(n, method, "string", &other)),
+    }
+}
+
+macro_rules! token_or_fail {
+    ($lua:expr, $v:expr, $n:expr, $method:expr) => {
+        match token_arg($v, $n, $method)? {
+            Ok(t) => t,
+            Err(e) => return failure($lua, e),
+        }
+    };
+}
+
+impl UserData for Book {
+    fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
+        methods.add_method("create", |lua, this, (spec, now): (Value, Value)| {
+            let Value::Table(spec) = spec else {
+                return Err(bad_argument(1, "create", "table", &spec));
+            };
+            let now = integer(&now, 2, "create")?;
+            let ttl = field_integer(&spec, "ttl", "create")?;
+            if ttl < 0 {
+                return Err(mlua::Error::RuntimeError(String::from(
+                    "bad field 'ttl' in argument to 'create' (non-negative integer expected)",
+                )));
+            }
+            let max_uses = match spec.raw_get::<Value>("max_uses")? {
+                Value::Nil => None,
+                v => match integer(&v, 0, "create") {
+                    Ok(n) if (1..=i64::from(u32::MAX)).contains(&n) => u32::try_from(n).ok(),
+                    _ => return Err(mlua::Error::RuntimeError(String::from(
+                        "bad field 'max_uses' in argument to 'create' (positive integer expected)",
+                    ))),
+                },
+            };
+            let new =
+                NewInvite {
+                    kind: kind(&spec, "create")?,
+                    jid: match opt_field_string(&spec, "jid", "create")? {
+                        Some(j) if !j.is_empty() => j,
+                        _ => return Err(mlua::Error::RuntimeError(String::from(
+                            "bad field 'jid' in argument to 'create' (non-empty string expected)",
+                        ))),
+                    },
+                    allow_registration: opt_field_bool(&spec, "allow_registration", "create")?,
+                    additional_data: json_of(
+                        lua,
+                        spec.raw_get("additional_data")?,
+                        "additional_data",
+                        "create",
+                    )?,
+                    ttl,
+                    reusable: opt_field_bool(&spec, "reusable", "create")?,
+                    max_uses,
+                    username: opt_field_string(&spec, "username", "create")?,
+                    reset: opt_field_string(&spec, "reset", "create")?,
+                    inviter: opt_field_string(&spec, "inviter", "create")?,
+                };
+            guarded(lua, || match this.0.create(new, now) {
+                Ok(created) => {
+                    let found = Found {
+                        key: created.key.clone(),
+                        record: created.record.clone(),
+                    };
+                    success(lua, with_token(lua, &found, &created.token, now)?)
+                }
+                Err(e) => failure(lua, e),
+            })
+        });
+
+        methods.add_method(
+            "get",
+            |lua, this, (token, contact_of, now): (Value, Value, Value)| {
+                let token = token_or_fail!(lua, token, 1, "get");
+                let contact_of = opt_string(contact_of, 2, "get")?;
+                let now = integer(&now, 3, "get")?;
+                guarded(lua, || {
+                    match this.0.validate(&token, contact_of.as_deref(), now) {
+                        Ok(found) => {
+                            let token = match Token::parse(&token) {
+                                Ok(t) => t,
+                                Err(e) => return failure(lua, e),
+                            };
+                            let t = with_token(lua, &found, &token, now)?;
+                            if let Some(user) = &contact_of {
+                                t.raw_set("username", user.as_str())?;
+                            }
+                            success(lua, t)
+                        }
+                        Err(e) => failure(lua, e),
+                    }
+                })
+            },
+        );
+
+        methods.add_method(
+            "reserve",
+            |lua, this, (token, claim, now): (Value, Value, Value)| {
+                let token = token_or_fail!(lua, token, 1, "reserve");
+                let Value::Table(claim) = claim else {
+                    return Err(bad_argument(2, "reserve", "table", &claim));
+                };
+                let now = integer(&now, 3, "reserve")?;
+                let holder = string(claim.raw_get("holder")?, 2, "reserve")?;
+                let username = string(claim.raw_get("username")?, 2, "reserve")?;
+                let account_exists = opt_field_bool(&claim, "account_exists", "reserve")?;
+                let validated_at = field_integer(&claim, "validated_at", "reserve")?;
+                let lease_until = field_integer(&claim, "lease_until", "reserve")?;
+                let claim = Claim {
+                    holder: &holder,
+                    username: &username,
+                    account_exists,
+                    validated_at,
+                    lease_until,
+                };
+                guarded(lua, || match this.0.reserve(&token, &claim, now) {
+                    Ok(found) => success(lua, invite_table(lua, &found.key, &found.record, now)?),
+                    Err(e) => failure(lua, e),
+                })
+            },
+        );
+
+        methods.add_method(
+            "confirm",
+            |lua, this, (token, holder, now): (Value, Value, Value)| {
+                let token = token_or_fail!(lua, token, 1, "confirm");
+                let holder = string(holder, 2, "confirm")?;
+                let now = integer(&now, 3, "confirm")?;
+                guarded(lua, || match this.0.confirm(&token, &holder, now) {
+                    Ok(found) => success(lua, invite_table(lua, &found.key, &found.record, now)?),
+                    Err(e) => failure(lua, e),
+                })
+            },
+        );
+
+        methods.add_method("release", |lua, this, (token, holder): (Value, Value)| {
+            let token = token_or_fail!(lua, token, 1, "release");
+            let holder = string(holder, 2, "release")?;
+            guarded(lua, || match this.0.release(&token, &holder) {
+                Ok(released) => success(lua, released),
+                Err(e) => failure(lua, e),
+            })
+        });
+
+        methods.add_method(
+            "use",
+            |lua, this, (token, contact_of, now): (Value, Value, Value)| {
+                let token = token_or_fail!(lua, token, 1, "use");
+                let contact_of = opt_string(contact_of, 2, "use")?;
+                let now = integer(&now, 3, "use")?;
+                guarded(lua, || {
+                    match this.0.consume(&token, contact_of.as_deref(), now) {
+                        Ok(found) => {
+                            success(lua, invite_table(lua, &found.key, &found.record, now)?)
+                        }
+                        Err(e) => failure(lua, e),
+                    }
+                })
+            },
+        );
+
+        methods.add_method("revoke", |lua, this, (token, now): (Value, Value)| {
+            let token = token_or_fail!(lua, token, 1, "revoke");
+            let now = integer(&now, 2, "revoke")?;
+            guarded(lua, || match this.0.revoke(&token, now) {
+                Ok(found) => success(lua, invite_table(lua, &found.key, &found.record, now)?),
+                Err(e) => failure(lua, e),
+            })
+        });
+
+        methods.add_method(
+            "username_reserved",
+            |lua, this, (username, now): (Value, Value)| {
+                let username = string(username, 1, "username_reserved")?;
+                let now = integer(&now, 2, "username_reserved")?;
+                guarded(lua, || {
+                    match this.0.username_reserved(&username, now, None) {
+                        Ok(reserved) => success(lua, reserved),
+                        Err(e) => failure(lua, e),
+                    }
+                })
+            },
+        );
+
+        methods.add_method("listed", |lua, this, (key, now): (Value, Value)| {
+            let key = string(key, 1, "listed")?;
+            let now = integer(&now, 2, "listed")?;
+            guarded(lua, || match this.0.listed(&key) {
+                Ok(Some(record)) => success(lua, invite_table(lua, &key, &record, now)?),
+                Ok(None) => success(lua, Value::Nil),
+                Err(e) => failure(lua, e),
+            })
+        });
+
+        methods.add_method(
+            "import_legacy",
+            |lua, this, (token, legacy, contact_of, now): (Value, Value, Value, Value)| {
+                let token = token_or_fail!(lua, token, 1, "import_legacy");
+                let Value::Table(legacy) = legacy else {
+                    return Err(bad_argument(2, "import_legacy", "table", &legacy));
+                };
+                let contact_of = opt_string(contact_of, 3, "import_legacy")?;
+                let now = integer(&now, 4, "import_legacy")?;
+                let m = "import_legacy";
+                let legacy = LegacyInvite {
+                    kind: kind(&legacy, m)?,
+                    jid: string(legacy.raw_get("jid")?, 2, m)?,
+                    allow_registration: opt_field_bool(&legacy, "allow_registration", m)?,
+                    additional_data: json_of(
+                        lua,
+                        legacy.raw_get("additional_data")?,
+                        "additional_data",
+                        m,
+                    )?,
+                    created_at: field_integer(&legacy, "created_at", m)?,
+                    expires: field_integer(&legacy, "expires", m)?,
+                    reusable: opt_field_bool(&legacy, "reusable", m)?,
+                    contact_of,
+                };
+                guarded(lua, || match this.0.import_legacy(&token, legacy, now) {
+                    Ok(imported) => success(lua, imported),
+                    Err(e) => failure(lua, e),
+                })
+            },
+        );
+    }
+}
+
+/// The table `luaopen_prosody_invites` returns.
+pub fn exports(lua: &Lua) -> mlua::Result<Table> {
+    let exports = lua.create_table()?;
+    exports.set("version", env!("CARGO_PKG_VERSION"))?;
+    exports.set(
+        "new",
+        lua.create_function(|lua, config: Value| {
+            let Value::Table(config) = config else {
+                return Err(bad_argument(1, "new", "table", &config));
+            };
+            let invites: Table = match config.raw_get::<Value>("invites")? {
+                Value::Table(t) => t,
+                other => return Err(bad_field("invites", "new", "store", &other)),
+            };
+            let names: Table = match config.raw_get::<Value>("names")? {
+                Value::Table(t) => t,
+                other => return Err(bad_field("names", "new", "store", &other)),
+            };
+            let log = match config.raw_get::<Value>("log")? {
+                Value::Nil => None,
+                Value::Function(f) => Some(f),
+                other => return Err(bad_field("log", "new", "function or nil", &other)),
+            };
+            let backend = LuaBackend {
+                lua: lua.weak(),
+                invites,
+                names,
+                log,
+            };
+            lua.create_userdata(Book(Invites::new(backend)))
+        })?,
+    )?;
+    Ok(exports)
+}

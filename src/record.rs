@@ -1,0 +1,245 @@
+//! The stored form of one invite: storage layout and encoding.
+//!
+//! Layout (all through Prosody's keyval store API, so internal files, SQLite and
+//! PostgreSQL behave alike):
+//! - store `invites`: owner = the 64-hex SHA-256 of the token, value = `{ record = JSON }`;
+//!   one record per invite, so no operation touches other invites.
+//! - store `invites_by_username`: owner = a username an invite is bound to,
+//!   value = `{ record = JSON }` listing the keys of invites that reserve that name.
+//!
+//! The token is never part of either. Records carry a version so later layouts can migrate.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+use crate::token::{TokenHash, HASH_TAG};
+
+pub const RECORD_VERSION: u32 = 1;
+
+/// What the invite grants: an account (`register`) or a contact (`roster`), as Prosody names them.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum InviteKind {
+    Register,
+    Roster,
+}
+
+impl InviteKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InviteKind::Register => "register",
+            InviteKind::Roster => "roster",
+        }
+    }
+}
+
+/// Stored lifecycle state. `expired` and `reserved` are derived from time and reservations.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum StoredState {
+    Pending,
+    Used,
+    Revoked,
+}
+
+/// A registration in flight holding one use of the invite until it completes or is released.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Reservation {
+    pub holder: String,
+    pub until: i64,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct InviteRecord {
+    pub v: u32,
+    /// `sha256:` + hex of the token; must match the key the record is stored under.
+    pub hash: String,
+    #[serde(rename = "type")]
+    pub kind: InviteKind,
+    pub jid: String,
+    pub allow_registration: bool,
+    #[serde(default)]
+    pub additional_data: Option<serde_json::Value>,
+    pub created_at: i64,
+    pub expires: i64,
+    #[serde(default)]
+    pub reusable: bool,
+    /// Accounts this invite may create; `None` with `reusable` means any number until expiry.
+    #[serde(default)]
+    pub max_uses: Option<u32>,
+    #[serde(default)]
+    pub uses: u32,
+    pub state: StoredState,
+    #[serde(default)]
+    pub changed_at: Option<i64>,
+    #[serde(default)]
+    pub reservations: Vec<Reservation>,
+    /// The only username this invite may register (account invites naming a user).
+    #[serde(default)]
+    pub username: Option<String>,
+    /// Password-reset invites: the existing account whose password may be reset.
+    #[serde(default)]
+    pub reset: Option<String>,
+    /// Roster invites: the local user whose contact the invitee becomes.
+    #[serde(default)]
+    pub inviter: Option<String>,
+}
+
+/// Why a stored value could not be read as a record. Holds no secrets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DecodeError(pub String);
+
+impl std::fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl InviteRecord {
+    pub fn encode(&self) -> String {
+        // Serialising plain data with string keys cannot fail; fall back to an
+        // undecodable marker rather than panic if it ever does.
+        serde_json::to_string(self).unwrap_or_else(|_| String::from("!"))
+    }
+
+    /// Decodes and checks a stored record. `key` is the storage key it was found under.
+    pub fn decode(text: &str, key: &str) -> Result<InviteRecord, DecodeError> {
+        let record: InviteRecord = serde_json::from_str(text)
+            .map_err(|e| DecodeError(format!("not a valid record: {e}")))?;
+        if record.v != RECORD_VERSION {
+            return Err(DecodeError(format!("unknown record version {}", record.v)));
+        }
+        let stored_hash = record
+            .hash
+            .strip_prefix(HASH_TAG)
+            .and_then(TokenHash::from_key)
+            .ok_or_else(|| DecodeError(String::from("hash field is not sha256 hex")))?;
+        let expected = TokenHash::from_key(key)
+            .ok_or_else(|| DecodeError(String::from("storage key is not sha256 hex")))?;
+        if !stored_hash.ct_eq(&expected) {
+            return Err(DecodeError(String::from("record stored under another key")));
+        }
+        if record.jid.is_empty() {
+            return Err(DecodeError(String::from("empty jid")));
+        }
+        if record.max_uses == Some(0) {
+            return Err(DecodeError(String::from("max_uses is zero")));
+        }
+        Ok(record)
+    }
+
+    /// Uses this invite allows in total; `None` = unlimited until expiry.
+    pub fn use_limit(&self) -> Option<u32> {
+        match (self.max_uses, self.reusable) {
+            (Some(n), _) => Some(n),
+            (None, true) => None,
+            (None, false) => Some(1),
+        }
+    }
+}
+
+/// The per-username index: which invites reserve a name, and until when.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+pub struct NameIndex {
+    pub v: u32,
+    /// storage key → expiry of that invite
+    pub invites: BTreeMap<String, i64>,
+}
+
+impl NameIndex {
+    pub fn encode(&self) -> String {
+        serde_json::to_string(self).unwrap_or_else(|_| String::from("!"))
+    }
+
+    pub fn decode(text: &str) -> Result<NameIndex, DecodeError> {
+        let index: NameIndex = serde_json::from_str(text)
+            .map_err(|e| DecodeError(format!("not a valid username index: {e}")))?;
+        if index.v != RECORD_VERSION {
+            return Err(DecodeError(format!("unknown index version {}", index.v)));
+        }
+        Ok(index)
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::token::Token;
+
+    pub fn sample(token: &Token) -> InviteRecord {
+        InviteRecord {
+            v: RECORD_VERSION,
+            hash: token.hash().tagged(),
+            kind: InviteKind::Register,
+            jid: String::from("example.com"),
+            allow_registration: true,
+            additional_data: Some(serde_json::json!({"roles": {"prosody:admin": true}})),
+            created_at: 1000,
+            expires: 2000,
+            reusable: false,
+            max_uses: None,
+            uses: 0,
+            state: StoredState::Pending,
+            changed_at: None,
+            reservations: vec![],
+            username: None,
+            reset: None,
+            inviter: None,
+        }
+    }
+
+    #[test]
+    fn round_trips_and_never_contains_the_token() {
+        let token = Token::parse("secrettokenvalue").unwrap();
+        let record = sample(&token);
+        let text = record.encode();
+        assert!(!text.contains("secrettokenvalue"));
+        let key = token.hash().key();
+        assert_eq!(InviteRecord::decode(&text, &key).unwrap(), record);
+    }
+
+    #[test]
+    fn rejects_corrupt_or_misplaced_records() {
+        let token = Token::parse("secrettokenvalue").unwrap();
+        let key = token.hash().key();
+        let other_key = Token::parse("othertoken").unwrap().hash().key();
+        let good = sample(&token).encode();
+        assert!(InviteRecord::decode(&good, &other_key).is_err());
+        assert!(InviteRecord::decode(&good, "not-a-key").is_err());
+        for bad in ["", "null", "[]", "{}", "{\"v\":1}", &good[..good.len() / 2]] {
+            assert!(InviteRecord::decode(bad, &key).is_err(), "{bad:?}");
+        }
+        let mut r = sample(&token);
+        r.v = 2;
+        assert!(InviteRecord::decode(&r.encode(), &key).is_err());
+        let mut r = sample(&token);
+        r.hash = String::from("md5:abc");
+        assert!(InviteRecord::decode(&r.encode(), &key).is_err());
+        let mut r = sample(&token);
+        r.max_uses = Some(0);
+        assert!(InviteRecord::decode(&r.encode(), &key).is_err());
+    }
+
+    #[test]
+    fn use_limit_follows_prosody_semantics() {
+        let token = Token::parse("t").unwrap();
+        let mut r = sample(&token);
+        assert_eq!(r.use_limit(), Some(1));
+        r.reusable = true;
+        assert_eq!(r.use_limit(), None);
+        r.max_uses = Some(5);
+        assert_eq!(r.use_limit(), Some(5));
+    }
+
+    #[test]
+    fn name_index_round_trips() {
+        let mut idx = NameIndex {
+            v: RECORD_VERSION,
+            ..Default::default()
+        };
+        idx.invites.insert(String::from("k"), 5);
+        assert_eq!(NameIndex::decode(&idx.encode()).unwrap(), idx);
+        assert!(NameIndex::decode("{\"v\":9,\"invites\":{}}").is_err());
+        assert!(NameIndex::decode("garbage").is_err());
+    }
+}
