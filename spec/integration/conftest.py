@@ -1,0 +1,149 @@
+"""Fixtures for the Prosody integration tests. See NOTES.md."""
+
+from __future__ import annotations
+
+import inspect
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+
+import harness  # noqa: E402
+import xmpp  # noqa: E402
+
+# Overall bound for one async test (seconds); override per test with
+# @pytest.mark.async_timeout(N).
+ASYNC_TEST_TIMEOUT = float(os.environ.get("ASYNC_TEST_TIMEOUT", "60"))
+
+_ALL_STORAGES = ("internal", "sql")
+
+
+def _storages():
+    want = os.environ.get("INVITES_STORAGE", "")
+    if not want:
+        return list(_ALL_STORAGES)
+    chosen = [s.strip() for s in want.split(",") if s.strip()]
+    bad = [s for s in chosen if s not in _ALL_STORAGES]
+    if bad:
+        raise pytest.UsageError(f"INVITES_STORAGE: unknown storage {bad}; use internal and/or sql")
+    return chosen
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "async_timeout(seconds): overall bound for an async test")
+    config.addinivalue_line("markers", "server_options(**kw): keyword arguments for the `server` fixture")
+
+
+def pytest_report_header(config):
+    return f"INVITES_IMPL={harness.invites_impl()} storages={','.join(_storages())}"
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem):
+    """Run ``async def`` tests in a fresh event loop, bounded, closing all XMPP clients afterwards."""
+    fn = pyfuncitem.obj
+    if not inspect.iscoroutinefunction(fn):
+        return None
+    marker = pyfuncitem.get_closest_marker("async_timeout")
+    timeout = float(marker.args[0]) if marker else ASYNC_TEST_TIMEOUT
+    argnames = pyfuncitem._fixtureinfo.argnames
+    kwargs = {name: pyfuncitem.funcargs[name] for name in argnames}
+    xmpp.run(fn(**kwargs), timeout)
+    return True
+
+
+# ------------------------------------------------------------------ servers
+
+
+@pytest.fixture(params=_storages())
+def storage(request):
+    return request.param
+
+
+@pytest.fixture
+def make_server(storage, request):
+    """Factory: make_server(**ProsodyServer kwargs) -> started ProsodyServer (stopped at teardown).
+
+    Uses the parametrised storage unless storage= is given.
+    """
+    servers = []
+
+    def factory(**kw):
+        kw.setdefault("storage", storage)
+        problem = None
+        try:
+            srv = harness.ProsodyServer(**kw)
+            servers.append(srv)
+            srv.start()
+        except harness.ImplementationMissing as e:
+            problem = str(e)
+        if problem:  # outside the except block: no exception chain in the report
+            pytest.fail(problem, pytrace=False)
+        return srv
+
+    yield factory
+    request.node._prosody_servers = list(servers)
+    for srv in servers:
+        srv.cleanup()
+
+
+@pytest.fixture
+def server(make_server, request):
+    """A fresh, started Prosody (per test), for each storage backend.
+
+    Options via ``@pytest.mark.server_options(registration_invite_only=False, ...)``.
+    """
+    marker = request.node.get_closest_marker("server_options")
+    kw = dict(marker.kwargs) if marker else {}
+    srv = make_server(**kw)
+    request.node._prosody_server = srv
+    return srv
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """On failure, attach the tail of the Prosody logs to the report."""
+    outcome = yield
+    rep = outcome.get_result()
+    if rep.failed:
+        srv = getattr(item, "_prosody_server", None)
+        if srv is not None and srv.dir.exists():
+            rep.sections.append(("prosody logs", srv.tail(60)))
+
+
+# ------------------------------------------------------------------ accounts
+
+
+@dataclass
+class Account:
+    username: str
+    password: str
+    host: str = harness.HOST
+
+    @property
+    def jid(self) -> str:
+        return f"{self.username}@{self.host}"
+
+
+@pytest.fixture
+def make_user(server):
+    """Factory: make_user(username, password=None) -> Account, created with `prosodyctl register`."""
+
+    def factory(username: str, password: str | None = None) -> Account:
+        password = password or f"{username}-secret"
+        server.register_user(username, password)
+        return Account(username, password)
+
+    return factory
+
+
+@pytest.fixture
+def admin(make_user):
+    """Account admin@localhost (listed in `admins` in the generated config)."""
+    return make_user("admin", "admin-secret")
