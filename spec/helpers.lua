@@ -128,6 +128,16 @@ function helpers.fake_module(name, host, options)
 		return self.provides and self.provides[dep];
 	end
 	function m:send(stanza) table.insert(self.sent, stanza); end
+	-- Counters as Prosody's module:metric returns them; values in m.metrics[name][label].
+	m.metrics = {};
+	function m:metric(_, name)
+		local counts = {};
+		self.metrics[name] = counts;
+		return { with_labels = function (_, label)
+			return { add = function (_, n) counts[label] = (counts[label] or 0) + n; end };
+		end };
+	end
+	function m:add_timer(delay, fn) self.timer = { delay = delay, fn = fn }; end
 	m.sent = {};
 	return m;
 end

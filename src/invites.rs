@@ -8,7 +8,7 @@ use serde_json::Value;
 
 use crate::error::{InviteError, StoreError};
 use crate::record::{InviteKind, InviteRecord, NameIndex, StoredState, RECORD_VERSION};
-use crate::state::Claim;
+use crate::state::{Claim, Status};
 use crate::store::{Backend, Level, Space};
 use crate::token::{short_id_of_key, Token};
 use crate::uri::invite_uri;
@@ -257,13 +257,56 @@ impl<B: Backend> Invites<B> {
 
     /// Revokes the invite for `token`. Already used or revoked invites stay as they are.
     pub fn revoke(&self, token: &str, now: i64) -> Result<Found, InviteError> {
-        let Found { key, mut record } = self.find(token)?;
+        let found = self.find(token)?;
+        self.revoke_found(found, now)
+    }
+
+    /// Revokes the invite stored under `key` (admin commands name invites by id).
+    pub fn revoke_key(&self, key: &str, now: i64) -> Result<Found, InviteError> {
+        let record = self.load(key)?;
+        self.revoke_found(
+            Found {
+                key: key.to_owned(),
+                record,
+            },
+            now,
+        )
+    }
+
+    fn revoke_found(&self, found: Found, now: i64) -> Result<Found, InviteError> {
+        let Found { key, mut record } = found;
         if record.state == StoredState::Pending {
             record.revoke(now);
             self.save(&key, &record)?;
             self.after_change(&key, &record);
         }
         Ok(Found { key, record })
+    }
+
+    /// Removes the record under `key` if the invite is over (used, revoked or expired) and
+    /// has been for `keep` seconds. Returns whether it was removed.
+    pub fn prune(&self, key: &str, now: i64, keep: i64) -> Result<bool, InviteError> {
+        let record = match self.load(key) {
+            Ok(record) => record,
+            // Corrupt records stay for an admin to look at; unknown keys are not ours.
+            Err(InviteError::TokenInvalid) => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        let over_since = match record.status(now) {
+            Status::Pending | Status::Reserved => return Ok(false),
+            Status::Expired => record.expires,
+            Status::Used | Status::Revoked => record.changed_at.unwrap_or(record.expires),
+        };
+        if over_since.saturating_add(keep) > now {
+            return Ok(false);
+        }
+        self.backend
+            .put(Space::Invites, key, None)
+            .map_err(|e| self.storage_failed("remove", &short_id_of_key(key), &e))?;
+        let mut gone = record;
+        gone.state = StoredState::Revoked;
+        self.after_change(key, &gone);
+        Ok(true)
     }
 
     /// Is `username` held for a pending invite (other than the one under `except_key`)?
@@ -462,7 +505,6 @@ fn legacy_binding(legacy: &LegacyInvite) -> (Option<String>, Option<String>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::Status;
     use crate::store::MemoryBackend;
 
     fn book() -> Invites<MemoryBackend> {
@@ -770,6 +812,45 @@ mod tests {
         expired.expires = 999;
         assert!(!b.import_legacy("Another16chars__", expired, 1000).unwrap());
         assert!(!everything_stored(&b).contains("OldToken16chars_"));
+    }
+
+    #[test]
+    fn prune_removes_only_invites_that_are_over_and_old_enough() {
+        let b = book();
+        let pending = b.create(account(None), 1000).unwrap();
+        let used = b.create(account(None), 1000).unwrap();
+        b.consume(used.token.expose(), None, 1010).unwrap();
+        let revoked = b.create(account(Some("alice")), 1000).unwrap();
+        b.revoke_key(&revoked.key, 1020).unwrap();
+        let expired = b.create(account(Some("bob")), 900).unwrap(); // expires at 1000
+        let corrupt = b.create(account(None), 1000).unwrap();
+        b.backend().set_raw(Space::Invites, &corrupt.key, "junk");
+
+        // Within the retention time nothing goes.
+        for c in [&pending, &used, &revoked, &expired, &corrupt] {
+            assert!(!b.prune(&c.key, 1050, 100).unwrap());
+        }
+        // Later, what is over goes; pending and corrupt records stay.
+        assert!(!b.prune(&pending.key, 1100, 0).unwrap());
+        assert!(b.prune(&used.key, 1110, 100).unwrap());
+        assert!(b.prune(&revoked.key, 1120, 100).unwrap());
+        assert!(b.prune(&expired.key, 1100, 100).unwrap());
+        assert!(!b.prune(&corrupt.key, 5000, 0).unwrap());
+        assert_eq!(b.backend().count(Space::Invites), 2);
+        // The expired invite's name reservation went with it.
+        assert_eq!(b.backend().count(Space::Names), 0);
+    }
+
+    #[test]
+    fn revoke_by_key_matches_revoke_by_token() {
+        let b = book();
+        let c = b.create(account(None), 1000).unwrap();
+        let found = b.revoke_key(&c.key, 1001).unwrap();
+        assert_eq!(found.record.status(1001), Status::Revoked);
+        assert_eq!(
+            b.revoke_key("0".repeat(64).as_str(), 1001).err(),
+            Some(InviteError::TokenInvalid)
+        );
     }
 
     #[test]

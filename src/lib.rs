@@ -6,14 +6,18 @@
 //! - `store.rs`: the narrow storage interface the Lua shim provides
 //! - `invites.rs`: operations as read-check-write sequences over one record
 //! - `uri.rs`: XMPP invite URIs
+//! - `throttle.rs`: preauth guessing limits per IP, in bounded memory
+//! - `duration.rs`: `30m`, `12h`, `3d`, `2w`
 //! - `lua.rs`: the only file that speaks Lua
 
+pub mod duration;
 pub mod error;
 pub mod invites;
 pub mod lua;
 pub mod record;
 pub mod state;
 pub mod store;
+pub mod throttle;
 pub mod token;
 pub mod uri;
 

@@ -4,12 +4,13 @@
 //! - `new{ invites = store, names = store, log = function(level, message) }` → book
 //!   where the stores are Prosody keyval stores (`module:open_store(...)`).
 //! - book methods `create`, `get`, `reserve`, `confirm`, `release`, `use`, `revoke`,
-//!   `username_reserved`, `listed`, `import_legacy` (see `lua/mod_invites/mod_invites.lua`).
+//!   `revoke_key`, `prune`, `username_reserved`, `listed`, `import_legacy` (see `lua/mod_invites/mod_invites.lua`).
 //!
 //! Wrong argument types raise (API misuse); expected failures return `nil, "error-name"`.
 //! No Rust panic crosses into Lua: every method runs under `catch_unwind` and reports a
 //! panic as `nil, "internal-server-error"`.
 
+use std::cell::RefCell;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use mlua::{
@@ -17,11 +18,13 @@ use mlua::{
     Table, UserData, UserDataMethods, Value, WeakLua,
 };
 
+use crate::duration::parse_duration;
 use crate::error::{InviteError, StoreError};
 use crate::invites::{record_uri, Found, Invites, LegacyInvite, NewInvite};
 use crate::record::{InviteKind, InviteRecord};
 use crate::state::Claim;
 use crate::store::{Backend, Level, Space};
+use crate::throttle::Throttle;
 use crate::token::{short_id_of_key, Token};
 
 /// Prosody keyval stores and a log function, as handed over by the shim.
@@ -451,6 +454,28 @@ impl UserData for Book {
             })
         });
 
+        methods.add_method("revoke_key", |lua, this, (key, now): (Value, Value)| {
+            let key = string(key, 1, "revoke_key")?;
+            let now = integer(&now, 2, "revoke_key")?;
+            guarded(lua, || match this.0.revoke_key(&key, now) {
+                Ok(found) => success(lua, invite_table(lua, &found.key, &found.record, now)?),
+                Err(e) => failure(lua, e),
+            })
+        });
+
+        methods.add_method(
+            "prune",
+            |lua, this, (key, now, keep): (Value, Value, Value)| {
+                let key = string(key, 1, "prune")?;
+                let now = integer(&now, 2, "prune")?;
+                let keep = integer(&keep, 3, "prune")?;
+                guarded(lua, || match this.0.prune(&key, now, keep) {
+                    Ok(removed) => success(lua, removed),
+                    Err(e) => failure(lua, e),
+                })
+            },
+        );
+
         methods.add_method(
             "username_reserved",
             |lua, this, (username, now): (Value, Value)| {
@@ -509,6 +534,33 @@ impl UserData for Book {
     }
 }
 
+/// Per-IP preauth limits (see `throttle.rs`), as userdata.
+pub struct LuaThrottle(RefCell<Throttle>);
+
+impl UserData for LuaThrottle {
+    fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
+        methods.add_method("allows", |_, this, (address, now): (Value, Value)| {
+            let address = string(address, 1, "allows")?;
+            let now = integer(&now, 2, "allows")?;
+            Ok(this.0.borrow().allows(&address, now))
+        });
+        methods.add_method("failed", |_, this, (address, now): (Value, Value)| {
+            let address = string(address, 1, "failed")?;
+            let now = integer(&now, 2, "failed")?;
+            this.0.borrow_mut().failed(&address, now);
+            Ok(true)
+        });
+        methods.add_method("tracked", |_, this, ()| Ok(this.0.borrow().tracked()));
+    }
+}
+
+fn positive(v: &Value, n: usize, method: &str) -> mlua::Result<i64> {
+    match integer(v, n, method) {
+        Ok(i) if i > 0 => Ok(i),
+        _ => Err(bad_argument(n, method, "positive integer", v)),
+    }
+}
+
 /// The table `luaopen_prosody_invites` returns.
 pub fn exports(lua: &Lua) -> mlua::Result<Table> {
     let exports = lua.create_table()?;
@@ -539,6 +591,38 @@ pub fn exports(lua: &Lua) -> mlua::Result<Table> {
                 log,
             };
             lua.create_userdata(Book(Invites::new(backend)))
+        })?,
+    )?;
+    exports.set(
+        "throttle",
+        lua.create_function(|lua, (max, period, capacity): (Value, Value, Value)| {
+            let max = u32::try_from(positive(&max, 1, "throttle")?).unwrap_or(u32::MAX);
+            let period = positive(&period, 2, "throttle")?;
+            let capacity =
+                usize::try_from(positive(&capacity, 3, "throttle")?).unwrap_or(usize::MAX);
+            lua.create_userdata(LuaThrottle(RefCell::new(Throttle::new(
+                max, period, capacity,
+            ))))
+        })?,
+    )?;
+    exports.set(
+        "parse_duration",
+        lua.create_function(|lua, text: Value| {
+            let text = string(text, 1, "parse_duration")?;
+            match parse_duration(&text) {
+                Ok(seconds) => (Value::Integer(seconds), Value::Nil).into_lua_multi(lua),
+                Err(e) => (Value::Nil, e.to_string()).into_lua_multi(lua),
+            }
+        })?,
+    )?;
+    exports.set(
+        "key_of",
+        lua.create_function(|lua, token: Value| {
+            let token = string(token, 1, "key_of")?;
+            match Token::parse(&token) {
+                Ok(t) => (t.hash().key(), Value::Nil).into_lua_multi(lua),
+                Err(e) => (Value::Nil, e.name()).into_lua_multi(lua),
+            }
         })?,
     )?;
     Ok(exports)

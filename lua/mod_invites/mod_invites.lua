@@ -19,6 +19,10 @@ else
 end
 default_ttl = math.floor(default_ttl);
 
+-- Finished (used, revoked, expired) invites are kept this long, then pruned.
+local retention = module:get_option_number("invite_retention", 7 * 86400);
+local prune_interval = module:get_option_number("invite_prune_interval", 3600);
+
 -- How long a registration may take between user-registering and user-registered before
 -- the use it holds is given back (it is given back at once when registration fails).
 local reservation_lease = 120;
@@ -65,6 +69,12 @@ local contact_of = setmetatable({}, { __mode = "k" }); -- inviter, for XEP-0379 
 local holders = setmetatable({}, { __mode = "k" }); -- reservation of a registration in flight
 local spent = setmetatable({}, { __mode = "k" }); -- already registered an account
 
+-- Metrics exist in the server only; prosodyctl has no statistics to report them to.
+local created_metric = { with_labels = function () return { add = function () end }; end };
+if prosody.process_type == "prosody" then
+	created_metric = module:metric("counter", "created", "", "Invites created", { "type" });
+end
+
 local function create_invite(spec)
 	spec.ttl = math.floor(spec.ttl or default_ttl);
 	local invite, err = get_book():create(spec, os.time());
@@ -72,12 +82,14 @@ local function create_invite(spec)
 		module:log("warn", "Failed to store %s invite: %s", spec.type, err);
 		return nil, err;
 	end
+	created_metric:with_labels(spec.type):add(1);
 	module:fire_event("invite-created", invite);
 	return invite;
 end
 
--- Create invitation to register an account (optionally restricted to the specified username)
-function create_account(account_username, additional_data, ttl) --luacheck: ignore 131/create_account
+-- Create invitation to register an account (optionally restricted to the specified username).
+-- Extension: `max_uses` lets that many different accounts register with one invite.
+function create_account(account_username, additional_data, ttl, max_uses) --luacheck: ignore 131/create_account
 	local reset = type(additional_data) == "table" and additional_data.allow_reset or nil;
 	return create_invite({
 		type = "register";
@@ -85,6 +97,7 @@ function create_account(account_username, additional_data, ttl) --luacheck: igno
 		allow_registration = true;
 		additional_data = additional_data;
 		ttl = ttl;
+		max_uses = max_uses;
 		username = account_username;
 		reset = reset;
 	});
@@ -205,7 +218,8 @@ function valid_invite_methods:reserve(username)
 end
 
 -- Registration step 2 (user-registered / user-password-reset): spend the held use.
-function valid_invite_methods:confirm()
+-- `account` (the new or reset account's JID) is for the log line.
+function valid_invite_methods:confirm(account)
 	local holder = holders[self];
 	holders[self] = nil;
 	spent[self] = true;
@@ -213,7 +227,8 @@ function valid_invite_methods:confirm()
 	if not invite then
 		return nil, err;
 	end
-	module:log("info", "Invite %s redeemed (%d of %s uses)", invite.id, invite.uses, invite.max_uses or "unlimited");
+	module:log("info", "Invite %s redeemed by %s (%d of %s uses)", invite.id, tostring(account), invite.uses,
+		invite.max_uses or "unlimited");
 	return true;
 end
 
@@ -233,6 +248,11 @@ function use(token) --luacheck: ignore 131/use
 		return nil, err;
 	end
 	return invite:use();
+end
+
+-- A preauth throttle (see src/throttle.rs) for mod_invites_register.
+function new_throttle(max, period, capacity) --luacheck: ignore 131/new_throttle
+	return core.throttle(max, period, capacity);
 end
 
 -- Is this username held for a pending invite? (nil, err when storage fails)
@@ -315,121 +335,348 @@ if prosody.process_type == "prosody" then
 	end
 end
 
---- shell command
+--- Housekeeping
+-- Used, revoked and expired records are kept for `invite_retention` seconds (so
+-- `list --all` can show them), then removed every `invite_prune_interval` seconds.
+
+-- Removes finished invites older than `keep` seconds. Returns how many, or nil, err.
+function prune(keep) --luacheck: ignore 131/prune
+	local invites, now = get_book(), os.time();
+	-- Collect first: some stores cannot be written while their listing is open.
+	local keys = {};
+	for key in invite_store:users() do
+		table.insert(keys, key);
+	end
+	local removed = 0;
+	for _, key in ipairs(keys) do
+		local ok, err = invites:prune(key, now, keep or 0);
+		if ok == nil then
+			return nil, err;
+		elseif ok then
+			removed = removed + 1;
+		end
+	end
+	return removed;
+end
+
+if prosody.process_type == "prosody" then
+	module:add_timer(prune_interval, function ()
+		local removed, err = prune(retention);
+		if not removed then
+			module:log("warn", "Pruning finished invites failed: %s", err);
+		elseif removed > 0 then
+			module:log("info", "Pruned %d finished invites", removed);
+		end
+		return prune_interval;
+	end);
+end
+
+--- Admin commands, shared by prosodyctl and the admin console
+
+local function describe_target(invite)
+	if invite.type == "roster" then
+		return "contact of "..tostring(invite.inviter)..(invite.allow_registration and " (may register)" or "");
+	elseif invite.reset then
+		return "password reset of "..invite.reset;
+	elseif invite.bound_username then
+		return "account "..invite.bound_username;
+	end
+	return "new account";
+end
+
+local function uses_text(invite)
+	if invite.max_uses == nil then
+		return ("%d/unlimited"):format(invite.uses);
+	end
+	return ("%d/%d"):format(invite.uses, invite.max_uses);
+end
+
+local function when(t)
+	return os.date("!%Y-%m-%d %H:%M", t);
+end
+
+-- One line per invite; `all` includes used, expired and revoked ones.
+function list_lines(all) --luacheck: ignore 131/list_lines
+	local invites, now = get_book(), os.time();
+	local lines = { ("%-10s  %-8s  %-8s  %-16s  %-16s  %-11s  %s"):format(
+		"ID", "TYPE", "STATUS", "CREATED (UTC)", "EXPIRES (UTC)", "USES", "FOR") };
+	for key in invite_store:users() do
+		local invite = invites:listed(key, now);
+		if invite and (all or invite.status == "pending" or invite.status == "reserved") then
+			table.insert(lines, ("%-10s  %-8s  %-8s  %-16s  %-16s  %-11s  %s"):format(
+				invite.id, invite.type, invite.status, when(invite.created_at), when(invite.expires),
+				uses_text(invite), describe_target(invite)));
+		end
+	end
+	return lines;
+end
+
+-- Finds the storage key for an id (or a unique end of one) or a token.
+local function resolve(ref)
+	if type(ref) ~= "string" or ref == "" then
+		return nil, "Please give an invite id (from 'list') or a token";
+	end
+	local key = core.key_of(ref);
+	if key and invite_store:get(key) ~= nil then
+		return key;
+	end
+	ref = ref:lower();
+	if #ref >= 4 and ref:match("^%x+$") then
+		local found;
+		for owner in invite_store:users() do
+			if owner:sub(-#ref) == ref then
+				if found then
+					return nil, "More than one invite matches that id; give more of it";
+				end
+				found = owner;
+			end
+		end
+		if found then return found; end
+	end
+	return nil, "No such invite";
+end
+
+function show_lines(ref) --luacheck: ignore 131/show_lines
+	local key, err = resolve(ref);
+	if not key then return nil, err; end
+	local invite = get_book():listed(key, os.time());
+	if not invite then return nil, "The invite record is unreadable (see the log)"; end
+	local lines = {
+		"id:          "..invite.id;
+		"type:        "..invite.type;
+		"status:      "..invite.status;
+		"for:         "..describe_target(invite);
+		"created:     "..when(invite.created_at).." UTC";
+		"expires:     "..when(invite.expires).." UTC";
+		"uses:        "..uses_text(invite);
+	};
+	local data = invite.additional_data;
+	if type(data) == "table" then
+		local roles = {};
+		for k, v in pairs(type(data.roles) == "table" and data.roles or {}) do
+			table.insert(roles, type(k) == "number" and tostring(v) or tostring(k));
+		end
+		if roles[1] then table.insert(lines, "roles:       "..table.concat(roles, ", ")); end
+		if type(data.groups) == "table" and data.groups[1] then
+			table.insert(lines, "groups:      "..table.concat(data.groups, ", "));
+		end
+	end
+	return lines;
+end
+
+function revoke_by_ref(ref) --luacheck: ignore 131/revoke_by_ref
+	local key, err = resolve(ref);
+	if not key then return nil, err; end
+	local invite, revoke_err = get_book():revoke_key(key, os.time());
+	if not invite then return nil, "Could not revoke: "..revoke_err; end
+	return invite;
+end
+
+function create_for_command(options) --luacheck: ignore 131/create_for_command
+	if options.reset then
+		return create_account_reset(options.reset, options.ttl);
+	end
+	return create_account(nil, {
+		roles = options.roles;
+		groups = options.groups[1] and options.groups or nil;
+	}, options.ttl, options.uses);
+end
+
+--- Admin console (prosodyctl shell)
 do
-	-- Since the console is global this overwrites the command for
-	-- each host it's loaded on, but this should be fine.
-
+	-- The console is global: this sets the commands once for every host it is loaded on.
 	local get_module = require "core.modulemanager".get_module;
-
 	local console_env = module:shared("/*/admin_shell/env");
+
+	local function host_invites(host)
+		local mod_invites = get_module(host, "invites");
+		if not mod_invites then
+			return nil, "mod_invites is not loaded on "..tostring(host);
+		end
+		return mod_invites;
+	end
+
+	local function print_lines(shell, lines)
+		for _, line in ipairs(lines) do shell.session.print(line); end
+	end
 
 	-- luacheck: ignore 212/self
 	console_env.invite = {};
 	function console_env.invite:create_account(user_jid)
 		local username, host = jid_split(user_jid);
-		local mod_invites, err = get_module(host, "invites");
-		if not mod_invites then return nil, err or "mod_invites not loaded on this host"; end
-		local invite, err = mod_invites.create_account(username);
-		if not invite then return nil, err; end
+		local mod_invites, err = host_invites(host);
+		if not mod_invites then return nil, err; end
+		local invite, create_err = mod_invites.create_account(username);
+		if not invite then return nil, create_err; end
 		return true, invite.landing_page or invite.uri;
 	end
 
 	function console_env.invite:create_contact(user_jid, allow_registration)
 		local username, host = jid_split(user_jid);
-		local mod_invites, err = get_module(host, "invites");
-		if not mod_invites then return nil, err or "mod_invites not loaded on this host"; end
-		local invite, err = mod_invites.create_contact(username, allow_registration);
-		if not invite then return nil, err; end
+		local mod_invites, err = host_invites(host);
+		if not mod_invites then return nil, err; end
+		local invite, create_err = mod_invites.create_contact(username, allow_registration);
+		if not invite then return nil, create_err; end
 		return true, invite.landing_page or invite.uri;
 	end
-end
 
---- prosodyctl command
-local function generate_usage()
-	print("usage: prosodyctl mod_"..module.name.." generate DOMAIN --reset USERNAME")
-	print("usage: prosodyctl mod_"..module.name.." generate DOMAIN [--admin] [--role ROLE] [--group GROUPID]...")
-	print()
-	print("This command has two modes: password reset and new account.")
-	print("If --reset is given, the command operates in password reset mode and in new account mode otherwise.")
-	print()
-	print("required arguments in password reset mode:")
-	print()
-	print("    --reset USERNAME  Generate a password reset link for the given USERNAME.")
-	print()
-	print("optional arguments in new account mode:")
-	print()
-	print("    --admin           Make the new user privileged")
-	print("                      Equivalent to --role prosody:admin")
-	print("    --role ROLE       Grant the given ROLE to the new user")
-	print("    --group GROUPID   Add the user to the group with the given ID")
-	print("                      Can be specified multiple times")
-	print()
-	print("--role and --admin override each other; the last one wins")
-	print("--group can be specified multiple times; the user will be added to all groups.")
-	print()
-	print("--reset and the other options cannot be mixed.")
-end
-
-function module.command(arg)
-	if #arg < 2 or arg[1] ~= "generate" then
-		print("usage: prosodyctl mod_"..module.name.." generate example.com");
-		return 2;
-	end
-	table.remove(arg, 1); -- pop command
-
-	local host = table.remove(arg, 1);
-	if not prosody.hosts[host] then
-		print("Host "..tostring(host).." does not exist in the configuration");
-		return 1;
+	function console_env.invite:list(host, all)
+		local mod_invites, err = host_invites(host);
+		if not mod_invites then return nil, err; end
+		local lines = mod_invites.list_lines(all == true or all == "--all");
+		print_lines(self, lines);
+		return true, ("%d invites"):format(#lines - 1);
 	end
 
-	local allow_reset;
-	local roles;
-	local groups = {};
+	function console_env.invite:show(host, ref)
+		local mod_invites, err = host_invites(host);
+		if not mod_invites then return nil, err; end
+		local lines, show_err = mod_invites.show_lines(ref);
+		if not lines then return nil, show_err; end
+		print_lines(self, lines);
+		return true;
+	end
 
+	function console_env.invite:delete(host, ref)
+		local mod_invites, err = host_invites(host);
+		if not mod_invites then return nil, err; end
+		local invite, revoke_err = mod_invites.revoke_by_ref(ref);
+		if not invite then return nil, revoke_err; end
+		return true, "Revoked invite "..invite.id;
+	end
+	console_env.invite.revoke = console_env.invite.delete;
+
+	function console_env.invite:prune(host)
+		local mod_invites, err = host_invites(host);
+		if not mod_invites then return nil, err; end
+		local removed, prune_err = mod_invites.prune(0);
+		if not removed then return nil, prune_err; end
+		return true, ("Removed %d used, revoked or expired invites"):format(removed);
+	end
+end
+
+--- prosodyctl mod_invites …
+local usage = [[
+usage: prosodyctl mod_invites COMMAND HOST [OPTIONS]
+
+  generate HOST [--admin] [--role ROLE] [--group ID]... [--expires-after DURATION] [--uses N]
+                      Create an account invite and print its link.
+                      --admin          the new account gets the role prosody:admin
+                      --role ROLE      the new account gets ROLE (--admin/--role: last one wins)
+                      --group ID       add the account to group ID (repeatable)
+                      --expires-after  how long the invite is valid: 30m, 12h, 3d, 2w
+                      --uses N         N different accounts may register with it
+  generate HOST --reset USERNAME [--expires-after DURATION]
+                      Create a password reset link for USERNAME.
+  list HOST [--all]   Pending invites (--all: also used, expired and revoked ones).
+  show HOST ID        Details of one invite, by id (from list) or token.
+  revoke HOST ID      Revoke an invite at once (also: delete).
+  prune HOST          Remove used, revoked and expired invites; prints how many.]];
+
+-- Parses generate's options. Returns options or nil, message.
+local function parse_generate_options(arg)
+	local options = { groups = {} };
 	while #arg > 0 do
 		local value = table.remove(arg, 1);
-		if value == "--help" then
-			generate_usage();
-			return 2;
-		elseif value == "--reset" then
+		if value == "--reset" then
 			local nodeprep = require "util.encodings".stringprep.nodeprep;
 			local username = arg[1] and nodeprep(arg[1]);
 			table.remove(arg, 1);
 			if not username or username == "" then
-				print("Please supply a valid username to generate a reset link for");
-				return 2;
+				return nil, "Please supply a valid username to generate a reset link for";
 			end
-			allow_reset = username;
+			options.reset = username;
 		elseif value == "--admin" then
-			roles = { ["prosody:admin"] = true };
+			options.roles = { ["prosody:admin"] = true };
 		elseif value == "--role" then
 			local rolename = table.remove(arg, 1);
-			if not rolename then
-				print("Please supply a role name");
-				return 2;
-			end
-			roles = { [rolename] = true };
+			if not rolename then return nil, "Please supply a role name"; end
+			options.roles = { [rolename] = true };
 		elseif value == "--group" or value == "-g" then
 			local groupid = table.remove(arg, 1);
-			if not groupid then
-				print("Please supply a group ID");
-				return 2;
+			if not groupid then return nil, "Please supply a group ID"; end
+			table.insert(options.groups, groupid);
+		elseif value == "--expires-after" then
+			local text = table.remove(arg, 1);
+			local seconds, err = core.parse_duration(text or "");
+			if not seconds then return nil, "Invalid --expires-after: "..err; end
+			options.ttl = seconds;
+		elseif value == "--uses" then
+			local n = tonumber(table.remove(arg, 1) or "");
+			if not n or n < 1 or n ~= math.floor(n) or n > 1e9 then
+				return nil, "--uses must be a whole number of at least 1";
 			end
-			table.insert(groups, groupid);
+			options.uses = math.floor(n);
 		else
-			print("unexpected argument: "..value);
-			return 2;
+			return nil, "unexpected argument: "..value;
 		end
 	end
+	if options.reset and options.roles then
+		return nil, "--role/--admin and --reset are mutually exclusive";
+	elseif options.reset and options.groups[1] then
+		return nil, "--group and --reset are mutually exclusive";
+	elseif options.reset and options.uses then
+		return nil, "--uses and --reset are mutually exclusive";
+	end
+	return options;
+end
 
-	if allow_reset and roles then
-		print("--role/--admin and --reset are mutually exclusive");
-		return 2;
-	elseif allow_reset and #groups > 0 then
-		print("--group and --reset are mutually exclusive");
-		return 2;
+local commands = {};
+
+function commands.generate(invites, arg)
+	local options, err = parse_generate_options(arg);
+	if not options then print(err); return 2; end
+	local invite, create_err = invites.create_for_command(options);
+	if not invite then
+		print("Could not create the invite: "..tostring(create_err));
+		return 1;
+	end
+	print(invite.landing_page or invite.uri);
+	return 0;
+end
+
+function commands.list(invites, arg)
+	local all = arg[1] == "--all";
+	if arg[1] and not all then print("unexpected argument: "..arg[1]); return 2; end
+	for _, line in ipairs(invites.list_lines(all)) do print(line); end
+	return 0;
+end
+
+function commands.show(invites, arg)
+	local lines, err = invites.show_lines(arg[1]);
+	if not lines then print(err); return 1; end
+	for _, line in ipairs(lines) do print(line); end
+	return 0;
+end
+
+function commands.revoke(invites, arg)
+	local invite, err = invites.revoke_by_ref(arg[1]);
+	if not invite then print(err); return 1; end
+	print("Revoked invite "..invite.id);
+	return 0;
+end
+commands.delete = commands.revoke;
+
+function commands.prune(invites)
+	local removed, err = invites.prune(0);
+	if not removed then print("Could not prune: "..tostring(err)); return 1; end
+	print(("Removed %d used, revoked or expired invites"):format(removed));
+	return 0;
+end
+
+function module.command(arg)
+	local command = table.remove(arg, 1);
+	if command == "--help" or command == "help" or not commands[command] then
+		print(usage);
+		return command and command ~= "--help" and command ~= "help" and 2 or 0;
+	end
+	local host = table.remove(arg, 1);
+	if host == "--help" then
+		print(usage);
+		return 0;
+	elseif not host or not prosody.hosts[host] then
+		print(("Host '%s' is not configured"):format(tostring(host)));
+		return 1;
 	end
 
 	local sm = require "core.storagemanager";
@@ -438,28 +685,14 @@ function module.command(arg)
 	module.host = host; --luacheck: ignore 122/module
 	open_book();
 
-	-- Load mod_invites for the host, and the optional landing page module if it is enabled
-	-- there, so invite-created handlers (landing_page) run as they would in the server.
+	-- Load mod_invites for the host, and the landing page module if the host enables it,
+	-- so invite-created handlers (landing_page) run as they would in the server.
 	local invites = module:depends("invites");
-	local invites_page_module = module:get_option_string("invites_page_module", "invites_page");
-	if mm.get_modules_for_host(host):contains(invites_page_module) then
-		module:depends(invites_page_module);
+	if command == "generate" then
+		local invites_page_module = module:get_option_string("invites_page_module", "invites_page");
+		if mm.get_modules_for_host(host):contains(invites_page_module) then
+			module:depends(invites_page_module);
+		end
 	end
-
-	local invite, err;
-	if allow_reset then
-		invite, err = invites.create_account_reset(allow_reset);
-	else
-		invite, err = invites.create_account(nil, {
-			roles = roles;
-			groups = #groups > 0 and groups or nil;
-		});
-	end
-	if not invite then
-		print("Could not create the invite: "..tostring(err));
-		return 1;
-	end
-
-	print(invite.landing_page or invite.uri);
-	return 0;
+	return commands[command](invites, arg);
 end

@@ -17,10 +17,17 @@ local modulemanager = require "core.modulemanager";
 local require_encryption = module:get_option_boolean("c2s_require_encryption",
 	module:get_option_boolean("require_encryption", true));
 local invite_only = module:get_option_boolean("registration_invite_only", true);
+-- Preauth guessing: after this many failed attempts from one IP within the period (seconds),
+-- every preauth from that IP is refused until the period has passed.
+local throttle_max = module:get_option_number("invite_throttle_max", 10);
+local throttle_period = module:get_option_number("invite_throttle_period", 60);
+-- Addresses tracked at once; beyond that the oldest windows are forgotten (bounded memory).
+local throttle_capacity = 10000;
 
-local invites;
+local invites, throttle;
 if prosody.process_type == "prosody" then
 	invites = module:depends("invites");
+	throttle = invites.new_throttle(throttle_max, throttle_period, throttle_capacity);
 
 	if invite_only then
 		module:depends("register_ibr");
@@ -43,7 +50,22 @@ local refusals = {
 	["internal-server-error"] = { "wait", "internal-server-error", "The invitation could not be checked, please try again later" };
 	["invite-only"] = { "modify", "not-acceptable", "Registration on this server is through invitation only" };
 	["preauth-not-set"] = { "modify", "bad-request", "A preauth request must be an iq of type 'set'" };
+	["throttled"] = { "wait", "policy-violation", "Too many invalid invitations from your address, please try again later" };
 };
+
+-- Metrics (shown at /metrics with mod_http_openmetrics).
+local redeemed_metric = module:metric("counter", "redeemed", "", "Invites redeemed", { "type" });
+local rejected_metric = module:metric("counter", "rejected", "", "Invites refused", { "reason" });
+local reject_reasons = {
+	["no-token"] = "invalid"; ["token-invalid"] = "invalid"; ["token-expired"] = "expired";
+	["token-revoked"] = "revoked"; ["token-used"] = "used";
+};
+local function count_rejection(name)
+	rejected_metric:with_labels(reject_reasons[name] or name):add(1);
+end
+local function count_redemption(invite)
+	redeemed_metric:with_labels(invite.reset and "reset" or invite.type):add(1);
+end
 
 local function refusal(name)
 	local r = refusals[name] or refusals["internal-server-error"];
@@ -90,15 +112,25 @@ module:hook("stanza/iq/"..xmlns_pars..":preauth", function(event)
 		return true;
 	end
 
-	local token = stanza.tags[1].attr.token;
-	if not token or token == "" then
-		origin.send(error_reply(stanza, "no-token"));
+	local ip, now = origin.ip or "unknown", os.time();
+	if not throttle:allows(ip, now) then
+		origin.log("debug", "Preauth refused: too many failed attempts from %s", ip);
+		count_rejection("throttled");
+		origin.send(error_reply(stanza, "throttled"));
 		return true;
 	end
 
-	local validated_invite, err = invites.get(token);
+	local token = stanza.tags[1].attr.token;
+	local validated_invite, err;
+	if not token or token == "" then
+		err = "no-token";
+	else
+		validated_invite, err = invites.get(token);
+	end
 	if not validated_invite then
 		origin.log("debug", "Preauth refused: %s", err);
+		throttle:failed(ip, now);
+		count_rejection(err);
 		origin.send(error_reply(stanza, err));
 		return true;
 	end
@@ -134,6 +166,7 @@ module:hook("user-registering", function (event)
 	local ok, err = validated_invite:reserve(username);
 	if not ok then
 		module:log("debug", "Registration of %s with invite %s refused: %s", username, validated_invite.id, err);
+		count_rejection(err);
 		local text;
 		if err == "username-mismatch" and validated_invite.bound_username then
 			text = ("This invitation is for the username '%s' only"):format(validated_invite.bound_username);
@@ -210,8 +243,10 @@ module:hook("user-registered", function (event)
 		return;
 	end
 	local contact_username = event.username;
-	local ok, err = validated_invite:confirm();
-	if not ok then
+	local ok, err = validated_invite:confirm(contact_username.."@"..module.host);
+	if ok then
+		count_redemption(validated_invite);
+	else
 		module:log("warn", "Account %s was created, but its invite %s could not be marked used: %s",
 			contact_username, validated_invite.id, err);
 	end
@@ -243,8 +278,10 @@ module:hook("user-password-reset", function (event)
 	if not validated_invite then
 		return;
 	end
-	local ok, err = validated_invite:confirm();
-	if not ok then
+	local ok, err = validated_invite:confirm(event.username.."@"..module.host);
+	if ok then
+		count_redemption(validated_invite);
+	else
 		module:log("warn", "Password of %s was reset, but invite %s could not be marked used: %s",
 			event.username, validated_invite.id, err);
 	end
@@ -292,7 +329,8 @@ module:hook("presence/bare", function (event)
 		return;
 	end
 
-	module:log("debug", "Approving inbound subscription to %s from %s (invite %s)", username, contact, invite.id);
+	count_redemption(invite);
+	module:log("info", "Invite %s redeemed by %s (subscription to %s)", invite.id, contact, username);
 	if not (rostermanager.set_contact_pending_in(username, host, contact)
 		and rostermanager.subscribed(username, host, contact)) then
 		module:log("error", "Could not approve the subscription of %s to %s (invite %s spent)", contact, username, invite.id);

@@ -260,7 +260,8 @@ class ProsodyServer:
         a("s2s_ports = { }")
         a("s2s_direct_tls_ports = { }")
         a("component_ports = { }")
-        a("http_ports = { }")
+        if "http_ports" not in self.options:
+            a("http_ports = { }")
         a("https_ports = { }")
         a("admin_ports = { }")  # mod_admin_telnet is not loaded anyway
         a('modules_disabled = { "s2s"; "s2s_auth_certs" }')

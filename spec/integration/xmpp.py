@@ -22,6 +22,14 @@ from slixmpp.exceptions import IqError, IqTimeout
 from slixmpp.xmlstream.handler import Callback
 from slixmpp.xmlstream.matcher import MatchXPath
 
+import slixmpp.exceptions as _slixmpp_exceptions
+import slixmpp.stanza.error as _slixmpp_error
+
+# slixmpp 1.17 lacks RFC 6120's <policy-violation/> (8.3.3.12), which Prosody uses for
+# throttling: without it an error reply with that condition cannot even be parsed.
+_slixmpp_error.Error.conditions.add("policy-violation")
+_slixmpp_exceptions._DEFAULT_ERROR_TYPES.setdefault("policy-violation", "modify")
+
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 10.0

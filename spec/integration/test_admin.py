@@ -1,0 +1,195 @@
+"""Operating the invite store: commands from a separate process, housekeeping, the preauth
+throttle and metrics, against a real Prosody over c2s."""
+
+import asyncio
+import re
+import sqlite3
+import time
+import urllib.request
+
+import pytest
+
+import harness
+import xmpp
+
+USED_TEXT = "This invitation has already been used"
+THROTTLED = ("wait", "policy-violation", "Too many invalid invitations from your address, please try again later")
+
+
+def token_of(uri):
+    return xmpp.parse_uri(uri).token
+
+
+def ctl(server, *args):
+    rc, out, err = server.prosodyctl("mod_invites", *args)
+    return rc, out.strip(), err
+
+
+def stored_records(server):
+    """Invite records in storage, counted the way each backend keeps them."""
+    if server.storage == "internal":
+        folder = server.data_dir / "localhost" / "invites"
+        return len(list(folder.glob("*.dat"))) if folder.exists() else 0
+    db = sqlite3.connect(server.sqlite_path)
+    try:
+        (n,) = db.execute(
+            "SELECT COUNT(DISTINCT user) FROM prosody WHERE host='localhost' AND store='invites'"
+        ).fetchone()
+    finally:
+        db.close()
+    return n
+
+
+async def wait_until(predicate, timeout, what):
+    """Polls a condition of the outside world (clock, storage), bounded."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.1)
+
+
+async def test_uses_2_registers_exactly_two_accounts(server):
+    rc, uri, _ = ctl(server, "generate", "localhost", "--uses", "2")
+    assert rc == 0
+    token = token_of(uri)
+    sessions = [await xmpp.UnauthedSession.open(server.port) for _ in range(3)]
+    for s in sessions:
+        assert (await s.preauth(token)).ok
+    results = [await s.register(f"user{i}", "pw") for i, s in enumerate(sessions)]
+    assert [r.ok for r in results] == [True, True, False]
+    assert results[2].text == USED_TEXT
+    # Each account once: a session that registered cannot register again with it.
+    assert (await sessions[0].register("user9", "pw")).text == USED_TEXT
+    await xmpp.login(server.port, "user0@localhost", "pw")
+    await xmpp.login(server.port, "user1@localhost", "pw")
+    assert await xmpp.login_fails(server.port, "user2@localhost", "pw")
+
+
+async def test_list_shows_every_kind_of_pending_invite_and_no_token(server, admin, make_user):
+    make_user("romeo")
+    make_user("alice")
+    tokens = [token_of(ctl(server, "generate", "localhost", "--expires-after", "3d")[1])]
+    tokens.append(token_of(ctl(server, "generate", "localhost", "--reset", "alice")[1]))
+    c = await xmpp.login(server.port, admin.jid, admin.password)
+    contact = await xmpp.call_hook(c, "create_contact", "romeo", False)
+    tokens.append(token_of(contact.value["uri"]))
+
+    rc, listing, _ = ctl(server, "list", "localhost")
+    assert rc == 0
+    lines = listing.splitlines()
+    assert lines[0].split()[:3] == ["ID", "TYPE", "STATUS"]
+    assert len(lines) == 4, listing
+    assert any(re.search(r"roster\s+pending .* contact of romeo$", l) for l in lines), listing
+    assert any(l.endswith("password reset of alice") for l in lines), listing
+    assert any(l.endswith("new account") for l in lines), listing
+    for token in tokens:
+        assert token not in listing
+
+    # --all adds finished ones with their state.
+    assert (await xmpp.register_with_invite(server.port, tokens[0], "newbie", "pw")).ok
+    _, pending, _ = ctl(server, "list", "localhost")
+    _, everything, _ = ctl(server, "list", "localhost", "--all")
+    assert len(pending.splitlines()) == 3
+    assert re.search(r"register\s+used\s", everything), everything
+
+
+async def test_revoke_from_another_process_stops_a_session_that_already_sent_preauth(server):
+    token = token_of(ctl(server, "generate", "localhost")[1])
+    async with xmpp.UnauthedSession(server.port) as s:
+        assert (await s.preauth(token)).ok
+        _, listing, _ = ctl(server, "list", "localhost")
+        invite_id = listing.splitlines()[1].split()[0]
+        rc, out, _ = ctl(server, "show", "localhost", invite_id)
+        assert rc == 0 and "status:      pending" in out and token not in out
+        assert ctl(server, "revoke", "localhost", invite_id)[:2] == (0, f"Revoked invite {invite_id}")
+        res = await s.register("alice", "pw")
+        assert (res.condition, res.text) == ("item-not-found", "This invitation has been revoked")
+    assert await xmpp.login_fails(server.port, "alice@localhost", "pw")
+    assert ctl(server, "revoke", "localhost", "0000000000")[:2] == (1, "No such invite")
+
+
+async def test_prune_removes_expired_used_and_revoked_records(server, admin):
+    c = await xmpp.login(server.port, admin.jid, admin.password)
+    keep = token_of(ctl(server, "generate", "localhost")[1])
+    used = token_of(ctl(server, "generate", "localhost")[1])
+    assert (await xmpp.register_with_invite(server.port, used, "someone", "pw")).ok
+    revoked = token_of(ctl(server, "generate", "localhost")[1])
+    assert (await xmpp.call_hook(c, "delete_account_invite", revoked)).value is True
+    expiring = (await xmpp.call_hook(c, "create_account", None, None, 1)).value
+    await wait_until(lambda: time.time() >= expiring["expires"] + 1, 5, "the invite to expire")
+
+    assert stored_records(server) == 4
+    assert ctl(server, "prune", "localhost")[:2] == (0, "Removed 3 used, revoked or expired invites")
+    assert stored_records(server) == 1
+    assert (await xmpp.register_with_invite(server.port, keep, "kept", "pw")).ok
+
+
+@pytest.mark.server_options(options={"invite_prune_interval": 1, "invite_retention": 0})
+async def test_timer_prunes_finished_records(server):
+    used = token_of(ctl(server, "generate", "localhost")[1])
+    ctl(server, "generate", "localhost")
+    assert stored_records(server) == 2
+    assert (await xmpp.register_with_invite(server.port, used, "someone", "pw")).ok
+    await wait_until(lambda: stored_records(server) == 1, 10, "the timer to prune the used invite")
+    assert server.log_lines(r"Pruned 1 finished invites")
+
+
+@pytest.mark.server_options(options={"invite_throttle_max": 3, "invite_throttle_period": 3})
+async def test_throttle_engages_refuses_valid_tokens_and_lifts(server):
+    valid = token_of(ctl(server, "generate", "localhost")[1])
+    async with xmpp.UnauthedSession(server.port) as s:
+        for i in range(3):
+            out = await s.preauth(f"guess{i}")
+            assert out.condition == "item-not-found"
+        engaged_at = time.time()
+        blocked = await s.preauth(valid)
+        assert (blocked.error_type, blocked.condition, blocked.text) == THROTTLED
+        assert (await s.preauth("guess4")).condition == "policy-violation"
+    # Lifts once the period has passed; the throttled attempt consumed nothing.
+    await wait_until(lambda: time.time() >= engaged_at + 4, 6, "the throttle period to pass")
+    res = await xmpp.register_with_invite(server.port, valid, "patient", "pw")
+    assert res.ok, res
+
+
+async def test_metrics_count_creations_redemptions_and_rejections(make_server):
+    http_port = harness.free_port()
+    server = make_server(
+        extra_modules=["http_openmetrics"],
+        options={
+            "statistics": "internal",
+            "statistics_interval": "manual",
+            "http_ports": [http_port],
+            "http_interfaces": ["127.0.0.1"],
+        },
+    )
+
+    def metrics():
+        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=10) as r:
+            return r.read().decode()
+
+    def value(text, name, label):
+        pattern = re.compile(r'^%s\{[^}]*%s[^}]*\} (\d+(?:\.\d+)?)' % (re.escape(name), re.escape(label)), re.M)
+        m = pattern.search(text)
+        return float(m.group(1)) if m else 0.0
+
+    before = metrics()
+    token = token_of(ctl(server, "generate", "localhost")[1])  # another process: not counted here
+    c_admin = None
+    server.register_user("admin", "admin-secret")
+    c_admin = await xmpp.login(server.port, "admin@localhost", "admin-secret")
+    await xmpp.call_hook(c_admin, "create_account")
+    assert (await xmpp.register_with_invite(server.port, token, "metered", "pw")).ok
+    async with xmpp.UnauthedSession(server.port) as s:
+        await s.preauth("wrongtoken")
+        await s.preauth(token)
+    after = metrics()
+
+    created = "prosody_mod_invites__created_total"
+    redeemed = "prosody_mod_invites_register__redeemed_total"
+    rejected = "prosody_mod_invites_register__rejected_total"
+    assert value(after, created, 'type="register"') == value(before, created, 'type="register"') + 1, after
+    assert value(after, redeemed, 'type="register"') == value(before, redeemed, 'type="register"') + 1, after
+    assert value(after, rejected, 'reason="invalid"') == value(before, rejected, 'reason="invalid"') + 1, after
+    assert value(after, rejected, 'reason="used"') == value(before, rejected, 'reason="used"') + 1, after
+    assert server.log_lines(r"Invite \w+ redeemed by metered@localhost")
+    assert token not in after
