@@ -193,3 +193,22 @@ async def test_metrics_count_creations_redemptions_and_rejections(make_server):
     assert value(after, rejected, 'reason="used"') == value(before, rejected, 'reason="used"') + 1, after
     assert server.log_lines(r"Invite \w+ redeemed by metered@localhost")
     assert token not in after
+
+
+@pytest.mark.server_options(extra_modules=["admin_shell"])
+async def test_admin_console_commands(server):
+    def shell(command):
+        rc, out, err = server.prosodyctl("shell", command)
+        assert rc == 0, (out, err)
+        return out
+
+    created = shell("invite:create_account('zoe@localhost')")
+    token = token_of(re.search(r"xmpp:\S+", created).group(0))
+    listing = shell("invite:list('localhost')")
+    assert "account zoe" in listing and token not in listing
+    invite_id = re.search(r"^(\w{10})\s+register", listing, re.M).group(1)
+    assert f"Revoked invite {invite_id}" in shell(f"invite:delete('localhost', '{invite_id}')")
+    assert "status:      revoked" in shell(f"invite:show('localhost', '{invite_id}')")
+    assert "Removed 1 used, revoked or expired invites" in shell("invite:prune('localhost')")
+    res = await xmpp.register_with_invite(server.port, token, "zoe", "pw")
+    assert res.preauth.condition == "item-not-found"
