@@ -20,14 +20,22 @@ ifeq ($(LUA_FEATURE),)
 $(error LUA_VERSION must be one of 5.1 5.2 5.3 5.4 jit, not '$(LUA_VERSION)')
 endif
 
-CORE := target/release/libprosody_invites.so
+TARGET_DIR ?= target
+CORE := $(TARGET_DIR)/release/libprosody_invites.so
 
-.PHONY: all build install deps test test-rust test-busted test-integration lint run clean
+# Prosody 13 for the second integration run, extracted under build/ (see .ci/prosody13).
+PROSODY13_VERSION := 13.0.1-1~bpo12+1
+PROSODY13 := $(BUILD)/prosody13
+
+# Lua versions the boundary specs run on (each with its own build of the core).
+LUA_MATRIX := 5.1 5.2 5.3 5.4 jit
+
+.PHONY: all build install deps test test-rust test-busted test-lua-versions test-integration test-prosody13 lint run clean
 
 all: build
 
 build:
-	cargo build --release --features "$(LUA_FEATURE) module"
+	cargo build --release --target-dir $(TARGET_DIR) --features "$(LUA_FEATURE) module"
 	mkdir -p $(PLUGINS)/mod_invites $(PLUGINS)/mod_invites_register
 	cp lua/mod_invites/mod_invites.lua $(PLUGINS)/mod_invites/
 	cp lua/mod_invites_register/mod_invites_register.lua $(PLUGINS)/mod_invites_register/
@@ -44,7 +52,7 @@ deps:
 run: deps build
 	python3 spec/integration/devserver.py
 
-test: deps build test-rust test-busted test-integration
+test: deps build test-rust test-busted test-lua-versions test-integration test-prosody13
 
 test-rust:
 	cargo test --features lua54
@@ -52,8 +60,24 @@ test-rust:
 test-busted:
 	lua5.4 /usr/bin/busted --lua=lua5.4 spec
 
+# The native module's Lua boundary (spec/core_spec.lua) on every Lua in LUA_MATRIX.
+test-lua-versions:
+	set -e; for v in $(LUA_MATRIX); do \
+		lua=lua$$v; [ "$$v" = jit ] && lua=luajit; \
+		$(MAKE) --no-print-directory build LUA_VERSION=$$v BUILD=$(BUILD)/lua$$v TARGET_DIR=target/lua$$v >/dev/null; \
+		echo "busted on $$lua:"; \
+		INVITES_PLUGINS_DIR=$(CURDIR)/$(BUILD)/lua$$v/plugins $$lua /usr/bin/busted --lua=$$lua spec/core_spec.lua; \
+	done
+
 test-integration:
 	python3 -m pytest -q spec/integration
+
+$(PROSODY13)/bin/prosody:
+	sh .ci/prosody13 $(PROSODY13) "$(PROSODY13_VERSION)"
+
+test-prosody13: $(PROSODY13)/bin/prosody
+	PROSODY_BIN=$(CURDIR)/$(PROSODY13)/bin/prosody PROSODYCTL_BIN=$(CURDIR)/$(PROSODY13)/bin/prosodyctl \
+		python3 -m pytest -q spec/integration
 
 lint:
 	cargo fmt --check

@@ -5,7 +5,7 @@ local helpers = {};
 
 local repo = debug.getinfo(1, "S").source:match("^@(.*)/spec/helpers%.lua$") or ".";
 helpers.repo = repo;
-helpers.plugins = repo.."/build/plugins";
+helpers.plugins = os.getenv("INVITES_PLUGINS_DIR") or repo.."/build/plugins";
 
 -- Prosody's own libraries (util.jid, util.stanza, ...) for the shims to require.
 package.path = "/usr/lib/prosody/?.lua;"..package.path;
@@ -94,6 +94,11 @@ function helpers.fake_module(name, host, options)
 		dependencies = {};
 		wrapped = {};
 	};
+	function m:get_option(opt, default)
+		local v = self.options[opt];
+		if v == nil then return default; end
+		return v;
+	end
 	function m:get_option_number(opt, default) return self.options[opt] or default; end
 	function m:get_option_boolean(opt, default)
 		local v = self.options[opt];

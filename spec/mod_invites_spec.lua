@@ -30,10 +30,18 @@ describe("mod_invites", function ()
 			assert.is_nil(helpers.dump(m.stores).find(helpers.dump(m.stores), invite.token, 1, true));
 		end);
 
-		it("should use invite_expiry", function ()
+		it("should use invite_expiry, in seconds or as a period", function ()
 			local env = load_invites({ invite_expiry = 60 });
 			local invite = assert(env.create_account());
 			assert.equal(invite.created_at + 60, invite.expires);
+			env = load_invites({ invite_expiry = "1 week" });
+			invite = assert(env.create_account());
+			assert.equal(invite.created_at + 604800, invite.expires);
+			local m;
+			env, m = load_invites({ invite_expiry = "soon" });
+			invite = assert(env.create_account());
+			assert.equal(invite.created_at + 604800, invite.expires);
+			assert.equal("error", m.logs[1][1]);
 		end);
 
 		it("should bind a named account invite to that username", function ()

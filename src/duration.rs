@@ -1,4 +1,5 @@
-//! Durations as admins type them: `30m`, `12h`, `3d`, `2w` (and plain seconds).
+//! Durations as admins type them: `30m`, `12h`, `3d`, `2w`, plain seconds, or Prosody 13's
+//! periods such as `1 week` or `2 days`.
 
 use std::fmt;
 
@@ -15,7 +16,8 @@ impl fmt::Display for DurationError {
 /// Longest duration accepted: ten years, far past any sensible invite.
 const MAX_SECONDS: i64 = 10 * 366 * 86400;
 
-/// Seconds in `text`: digits followed by one of `s`, `m`, `h`, `d`, `w` (or nothing, for seconds).
+/// Seconds in `text`: digits followed by a unit (`s`, `m`, `h`, `d`, `w`, or a word such as
+/// `weeks`; nothing means seconds).
 pub fn parse_duration(text: &str) -> Result<i64, DurationError> {
     let text = text.trim();
     let split = text
@@ -28,11 +30,13 @@ pub fn parse_duration(text: &str) -> Result<i64, DurationError> {
         ));
     }
     let multiplier = match unit.trim() {
-        "" | "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86400,
-        "w" => 7 * 86400,
+        "" | "s" | "sec" | "second" | "seconds" => 1,
+        "m" | "min" | "minute" | "minutes" => 60,
+        "h" | "hour" | "hours" => 3600,
+        "d" | "day" | "days" => 86400,
+        "w" | "week" | "weeks" => 7 * 86400,
+        "month" | "months" => 30 * 86400,
+        "y" | "year" | "years" => 365 * 86400,
         _ => return Err(DurationError("unknown unit: use s, m, h, d or w (e.g. 3d)")),
     };
     let n: i64 = digits
@@ -61,6 +65,10 @@ mod tests {
         assert_eq!(parse_duration("90"), Ok(90));
         assert_eq!(parse_duration("45s"), Ok(45));
         assert_eq!(parse_duration(" 1h "), Ok(3600));
+        assert_eq!(parse_duration("1 week"), Ok(604800));
+        assert_eq!(parse_duration("2 days"), Ok(172800));
+        assert_eq!(parse_duration("30 minutes"), Ok(1800));
+        assert_eq!(parse_duration("1 month"), Ok(2592000));
     }
 
     #[test]
@@ -70,8 +78,9 @@ mod tests {
             "h",
             "-1h",
             "1.5h",
-            "1y",
-            "1 week",
+            "11y",
+            "1 fortnight",
+            "week",
             "1hh",
             "0",
             "0d",

@@ -10,22 +10,11 @@ local id = require "util.id";
 local jid_split = require "util.jid".split;
 local usermanager = require "core.usermanager";
 
--- COMPAT: Prosody 13 has get_option_period (accepts "1 week" as well as seconds).
-local default_ttl;
-if module.get_option_period then
-	default_ttl = module:get_option_period("invite_expiry", "1 week");
-else
-	default_ttl = module:get_option_number("invite_expiry", 86400 * 7);
-end
-default_ttl = math.floor(default_ttl);
-
--- Finished (used, revoked, expired) invites are kept this long, then pruned.
-local retention = module:get_option_number("invite_retention", 7 * 86400);
-local prune_interval = module:get_option_number("invite_prune_interval", 3600);
-
--- How long a registration may take between user-registering and user-registered before
--- the use it holds is given back (it is given back at once when registration fails).
-local reservation_lease = 120;
+-- COMPAT: Prosody 13 has a role API (invites carry roles as a list, primary role first)
+-- and admin shell commands as "shell-command" items; 0.12 keeps role sets in the "roles"
+-- store and shell commands in a shared console environment.
+local has_role_api = usermanager.set_user_role ~= nil;
+local has_shell_items = has_role_api;
 
 -- Prosody does not add plugin folders to package.cpath: load the core from beside this file.
 local core_path = module:get_directory().."/prosody_invites.so";
@@ -34,6 +23,30 @@ if not open_core then
 	error("Could not load the invite core from "..core_path..": "..tostring(load_err));
 end
 local core = open_core();
+
+-- Seconds, or a period such as "1 week" or "3d" (Prosody 13 style) on every version.
+local function period_option(name, default)
+	local value = module:get_option(name, default);
+	if type(value) == "number" and value >= 0 then
+		return math.floor(value);
+	end
+	local seconds, err = core.parse_duration(tostring(value));
+	if not seconds then
+		module:log("error", "Option %s = %q is not a period (%s); using %d seconds", name, tostring(value), err, default);
+		return default;
+	end
+	return seconds;
+end
+
+local default_ttl = period_option("invite_expiry", 86400 * 7);
+
+-- Finished (used, revoked, expired) invites are kept this long, then pruned.
+local retention = period_option("invite_retention", 7 * 86400);
+local prune_interval = period_option("invite_prune_interval", 3600);
+
+-- How long a registration may take between user-registering and user-registered before
+-- the use it holds is given back (it is given back at once when registration fails).
+local reservation_lease = 120;
 
 local book;
 local invite_store;
@@ -482,8 +495,53 @@ function create_for_command(options) --luacheck: ignore 131/create_for_command
 	}, options.ttl, options.uses);
 end
 
---- Admin console (prosodyctl shell)
-do
+-- Checks generate's options, whether from prosodyctl's argv or the Prosody 13 shell:
+-- { admin, role = {...}, group = {...}, expires_after, uses, reset }.
+-- Returns what create_for_command takes, or nil, message.
+local function check_generate_options(raw)
+	local options = { groups = raw.group or {} };
+	local roles = raw.role or {};
+	if raw.admin then
+		table.insert(roles, 1, "prosody:admin");
+	end
+	if roles[1] then
+		-- COMPAT: Prosody 13 takes a list (primary role first); 0.12 a set, one role.
+		options.roles = has_role_api and roles or { [roles[#roles]] = true };
+	end
+	if raw.reset ~= nil then
+		local nodeprep = require "util.encodings".stringprep.nodeprep;
+		local username = type(raw.reset) == "string" and nodeprep(raw.reset);
+		if not username or username == "" then
+			return nil, "Please supply a valid username to generate a reset link for";
+		end
+		options.reset = username;
+	end
+	if raw.expires_after ~= nil then
+		local seconds, err = core.parse_duration(tostring(raw.expires_after));
+		if not seconds then return nil, "Invalid --expires-after: "..err; end
+		options.ttl = seconds;
+	end
+	if raw.uses ~= nil then
+		local n = tonumber(raw.uses);
+		if not n or n < 1 or n ~= math.floor(n) or n > 1e9 then
+			return nil, "--uses must be a whole number of at least 1";
+		end
+		options.uses = math.floor(n);
+	end
+	if options.reset and options.roles then
+		return nil, "--role/--admin and --reset are mutually exclusive";
+	elseif options.reset and options.groups[1] then
+		return nil, "--group and --reset are mutually exclusive";
+	elseif options.reset and options.uses then
+		return nil, "--uses and --reset are mutually exclusive";
+	end
+	return options;
+end
+
+--- Admin console (prosodyctl shell), Prosody 0.12
+-- COMPAT: on Prosody 13 the same commands are "shell-command" items (below); writing to
+-- the shared console environment there would replace the section those items fill.
+if not has_shell_items then
 	-- The console is global: this sets the commands once for every host it is loaded on.
 	local get_module = require "core.modulemanager".get_module;
 	local console_env = module:shared("/*/admin_shell/env");
@@ -555,6 +613,108 @@ do
 	end
 end
 
+--- Admin shell commands, Prosody 13: `prosodyctl shell invite list example.com` etc.
+-- Each runs on the module instance of the host its first argument names.
+if has_shell_items then
+	local function shell_command(name, desc, args, flags, handler)
+		module:add_item("shell-command", {
+			section = "invite";
+			section_desc = "Create and manage invitations";
+			name = name;
+			desc = desc;
+			args = args;
+			host_selector = args[1].name;
+			flags = flags;
+			handler = handler;
+		});
+	end
+
+	local function print_lines(shell, lines)
+		for _, line in ipairs(lines) do shell.session.print(line); end
+	end
+
+	-- luacheck: ignore 212/self
+	shell_command("create_account",
+		"Create an account invitation (a JID fixes the username; a host allows any)",
+		{ { name = "user_jid", type = "string" } },
+		{ array_params = { role = true, group = true }, value_params = { expires_after = true, uses = true },
+		  kv_params = { admin = true } },
+		function (self, user_jid, opts)
+			local options, err = check_generate_options(opts or {});
+			if not options then return nil, err; end
+			local username = jid_split(user_jid);
+			local invite, create_err = create_account(username, {
+				roles = options.roles;
+				groups = options.groups[1] and options.groups or nil;
+			}, options.ttl, options.uses);
+			if not invite then return nil, create_err; end
+			return true, invite.landing_page or invite.uri;
+		end);
+
+	shell_command("create_reset", "Create a password reset link for an account",
+		{ { name = "user_jid", type = "string" } },
+		{ value_params = { expires_after = true } },
+		function (self, user_jid, opts)
+			local username = jid_split(user_jid);
+			if not username then return nil, "Supply the JID of the account to reset"; end
+			local options, err = check_generate_options({ reset = username, expires_after = opts and opts.expires_after });
+			if not options then return nil, err; end
+			local invite, create_err = create_account_reset(options.reset, options.ttl);
+			if not invite then return nil, create_err; end
+			return true, invite.landing_page or invite.uri;
+		end);
+
+	shell_command("create_contact", "Create an invitation to become a contact of a user",
+		{ { name = "user_jid", type = "string" } },
+		{ value_params = { expires_after = true }, kv_params = { allow_registration = true } },
+		function (self, user_jid, opts)
+			local username = jid_split(user_jid);
+			if not username then return nil, "Supply the JID of the user to become a contact of"; end
+			local options, err = check_generate_options({ expires_after = opts and opts.expires_after });
+			if not options then return nil, err; end
+			local invite, create_err = create_contact(username, opts and opts.allow_registration, nil, options.ttl);
+			if not invite then return nil, create_err; end
+			return true, invite.landing_page or invite.uri;
+		end);
+
+	shell_command("list", "List pending invitations (--all: also used, expired and revoked ones)",
+		{ { name = "host", type = "string" } },
+		{ kv_params = { all = true } },
+		function (self, _, opts)
+			local lines = list_lines(opts and opts.all);
+			print_lines(self, lines);
+			return true, ("%d invites"):format(#lines - 1);
+		end);
+
+	shell_command("show", "Show an invitation, by id (from list) or token",
+		{ { name = "host", type = "string" }, { name = "id", type = "string" } },
+		nil,
+		function (self, _, ref)
+			local lines, err = show_lines(ref);
+			if not lines then return nil, err; end
+			print_lines(self, lines);
+			return true, "Invitation found";
+		end);
+
+	local function revoke_command(self, _, ref) --luacheck: ignore 212/self
+		local invite, err = revoke_by_ref(ref);
+		if not invite then return nil, err; end
+		return true, "Revoked invite "..invite.id;
+	end
+	local ref_args = { { name = "host", type = "string" }, { name = "id", type = "string" } };
+	shell_command("delete", "Revoke an invitation, by id or token", ref_args, nil, revoke_command);
+	shell_command("revoke", "Revoke an invitation, by id or token", ref_args, nil, revoke_command);
+
+	shell_command("prune", "Remove used, revoked and expired invitations",
+		{ { name = "host", type = "string" } },
+		nil,
+		function ()
+			local removed, err = prune(0);
+			if not removed then return nil, err; end
+			return true, ("Removed %d used, revoked or expired invites"):format(removed);
+		end);
+end
+
 --- prosodyctl mod_invites …
 local usage = [[
 usage: prosodyctl mod_invites COMMAND HOST [OPTIONS]
@@ -573,52 +733,34 @@ usage: prosodyctl mod_invites COMMAND HOST [OPTIONS]
   revoke HOST ID      Revoke an invite at once (also: delete).
   prune HOST          Remove used, revoked and expired invites; prints how many.]];
 
--- Parses generate's options. Returns options or nil, message.
+-- prosodyctl's argv for generate, into check_generate_options' table.
 local function parse_generate_options(arg)
-	local options = { groups = {} };
+	local raw = { role = {}, group = {} };
+	local takes_value = { ["--reset"] = "reset", ["--expires-after"] = "expires_after", ["--uses"] = "uses" };
 	while #arg > 0 do
 		local value = table.remove(arg, 1);
-		if value == "--reset" then
-			local nodeprep = require "util.encodings".stringprep.nodeprep;
-			local username = arg[1] and nodeprep(arg[1]);
-			table.remove(arg, 1);
-			if not username or username == "" then
-				return nil, "Please supply a valid username to generate a reset link for";
-			end
-			options.reset = username;
-		elseif value == "--admin" then
-			options.roles = { ["prosody:admin"] = true };
+		if value == "--admin" then
+			raw.admin = true;
 		elseif value == "--role" then
 			local rolename = table.remove(arg, 1);
 			if not rolename then return nil, "Please supply a role name"; end
-			options.roles = { [rolename] = true };
+			-- --role and --admin override each other, as in Prosody 0.12: the last one wins.
+			raw.role, raw.admin = { rolename }, nil;
 		elseif value == "--group" or value == "-g" then
 			local groupid = table.remove(arg, 1);
 			if not groupid then return nil, "Please supply a group ID"; end
-			table.insert(options.groups, groupid);
-		elseif value == "--expires-after" then
-			local text = table.remove(arg, 1);
-			local seconds, err = core.parse_duration(text or "");
-			if not seconds then return nil, "Invalid --expires-after: "..err; end
-			options.ttl = seconds;
-		elseif value == "--uses" then
-			local n = tonumber(table.remove(arg, 1) or "");
-			if not n or n < 1 or n ~= math.floor(n) or n > 1e9 then
-				return nil, "--uses must be a whole number of at least 1";
-			end
-			options.uses = math.floor(n);
+			table.insert(raw.group, groupid);
+		elseif takes_value[value] then
+			raw[takes_value[value]] = table.remove(arg, 1) or false;
 		else
 			return nil, "unexpected argument: "..value;
 		end
+		if value == "--admin" then raw.role = {}; end
 	end
-	if options.reset and options.roles then
-		return nil, "--role/--admin and --reset are mutually exclusive";
-	elseif options.reset and options.groups[1] then
-		return nil, "--group and --reset are mutually exclusive";
-	elseif options.reset and options.uses then
-		return nil, "--uses and --reset are mutually exclusive";
-	end
-	return options;
+	if raw.reset == false then raw.reset = ""; end
+	if raw.expires_after == false then raw.expires_after = ""; end
+	if raw.uses == false then raw.uses = ""; end
+	return check_generate_options(raw);
 end
 
 local commands = {};

@@ -203,22 +203,39 @@ local function subscribe(host, user_username, contact_username)
 	rostermanager.process_inbound_subscription_approval(user_username, host, contact_jid);
 end
 
--- COMPAT: Prosody 13 has a role API (primary role + secondary roles, invites carry a list);
--- 0.12 keeps a set of role names per user in the "roles" store.
-local function import_roles(username, roles)
-	if usermanager.set_user_role then
-		local list = {};
-		for k, v in pairs(roles) do
-			if type(k) == "number" then table.insert(list, v); elseif v then table.insert(list, k); end
+-- COMPAT: Prosody 13 has a role API (primary role + secondary roles; invites carry a list);
+-- 0.12 keeps a set of role names per user in the "roles" store. Invites may carry either
+-- shape (made by 0.12 or 13 tooling), so both are read on both versions.
+local function role_names(roles)
+	local list = {};
+	for k, v in pairs(roles) do
+		if type(k) == "number" then
+			list[k] = v;
+		elseif v then
+			table.insert(list, k);
 		end
-		if list[1] then
-			usermanager.set_user_role(username, module.host, list[1]);
-			for i = 2, #list do
-				usermanager.add_user_secondary_role(username, module.host, list[i]);
+	end
+	return list;
+end
+
+local function import_roles(username, roles)
+	local list = role_names(roles);
+	if usermanager.set_user_role then
+		if not list[1] then return; end
+		local ok, err = usermanager.set_user_role(username, module.host, list[1]);
+		if not ok then
+			module:log("error", "Could not set role %s for new user %s: %s", list[1], username, err);
+		end
+		for i = 2, #list do
+			local added, add_err = usermanager.add_user_secondary_role(username, module.host, list[i]);
+			if not added then
+				module:log("warn", "Could not add secondary role %s for new user %s: %s", list[i], username, add_err);
 			end
 		end
 	else
-		local ok, err = module:open_store("roles"):set(username, roles);
+		local set = {};
+		for _, name in ipairs(list) do set[name] = true; end
+		local ok, err = module:open_store("roles"):set(username, set);
 		if not ok then
 			module:log("error", "Could not store roles of new user %s: %s", username, err);
 		end

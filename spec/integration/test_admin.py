@@ -212,3 +212,32 @@ async def test_admin_console_commands(server):
     assert "Removed 1 used, revoked or expired invites" in shell("invite:prune('localhost')")
     res = await xmpp.register_with_invite(server.port, token, "zoe", "pw")
     assert res.preauth.condition == "item-not-found"
+
+
+@pytest.mark.server_options(extra_modules=["admin_shell"])
+async def test_prosody13_shell_commands(server):
+    rc, out, _ = server.prosodyctl("about")
+    if "Prosody 13" not in out:
+        pytest.skip("Prosody 13's shell-command items; 0.12's console is tested above")
+
+    def shell(*args):
+        rc, out, err = server.prosodyctl("shell", "invite", *args)
+        assert rc == 0, (out, err)
+        return out
+
+    created = shell("create_account", "localhost", "--uses", "2", "--expires-after", "1d")
+    token = token_of(re.search(r"xmpp:\S+", created).group(0))
+    listing = shell("list", "localhost")
+    assert "0/2" in listing and token not in listing
+    invite_id = re.search(r"^(\w{10})\s+register", listing, re.M).group(1)
+    assert "status:      pending" in shell("show", "localhost", invite_id)
+    reset = shell("create_reset", "alice@localhost")
+    assert "xmpp:alice@localhost?register;preauth=" in reset
+    contact = shell("create_contact", "romeo@localhost", "--allow-registration")
+    assert re.search(r"xmpp:romeo@localhost\?roster;preauth=\S+;ibr=y", contact)
+    assert f"Revoked invite {invite_id}" in shell("delete", "localhost", invite_id)
+    assert "Removed 1 used, revoked or expired invites" in shell("prune", "localhost")
+    res = await xmpp.register_with_invite(server.port, token, "late", "pw")
+    assert res.preauth.condition == "item-not-found"
+    rc, out, err = server.prosodyctl("shell", "invite", "create_account", "localhost", "--uses", "0")
+    assert "--uses must be a whole number of at least 1" in out + err

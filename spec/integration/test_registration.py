@@ -344,3 +344,20 @@ async def test_generate_bad_input_is_one_clear_line(server):
     rc, out, err = server.prosodyctl("mod_invites", "generate", "localhost", "--bogus")
     assert rc != 0
     assert "unexpected argument: --bogus" in out
+
+
+async def test_roles_from_a_list_primary_and_secondary(server, admin):
+    """Prosody 13 invites carry roles as a list (primary first); 0.12 gets them as a set."""
+    c = await admin_client(server, admin)
+    invite = (await api(c, "create_account", None, {"roles": ["prosody:operator", "prosody:admin"]})).value
+    assert (await xmpp.register_with_invite(server.port, token_of(invite["uri"]), "twohats", "pw")).ok
+    roles = (await api(c, "get_roles", "twohats")).value
+    assert roles == {"prosody:operator": True, "prosody:admin": True}
+
+
+async def test_invite_expiry_accepts_a_period(make_server, admin):
+    server = make_server(options={"invite_expiry": "2 days"})
+    server.register_user(admin.username, admin.password)
+    c = await admin_client(server, admin)
+    invite = (await api(c, "create_account")).value
+    assert invite["expires"] - invite["created_at"] == 2 * 86400

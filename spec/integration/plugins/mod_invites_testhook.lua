@@ -23,7 +23,7 @@
 -- environment returned by module:depends("invites")), these helpers exist:
 --   is_admin(jid)                  core.usermanager.is_admin(jid, host)
 --   user_exists(username)          core.usermanager.user_exists(username, host)
---   get_roles(username)            module:open_store("roles"):get(username)
+--   get_roles(username)            set of role names (0.12: "roles" store; 13: role API)
 --   pending_account_invites()      the iterator collected into an array
 --   get_roster(username)           rostermanager.load_roster -> {jid = {subscription, ask, name, groups}}
 --   module_info()                  paths of the loaded invites modules
@@ -102,7 +102,21 @@ function helpers.user_exists(username)
 	return usermanager.user_exists(username, host) and true or false;
 end
 
+-- Roles as a set of names on either version.
+-- COMPAT: Prosody 13 has a role API (primary + secondary roles); 0.12 a "roles" store.
 function helpers.get_roles(username)
+	if usermanager.get_user_role then
+		local roles = {};
+		local primary = usermanager.get_user_role(username, host);
+		-- A user without an explicit role gets the host's default one: not from the invite.
+		if primary and primary.name ~= "prosody:registered" then
+			roles[primary.name] = true;
+		end
+		for name in pairs(usermanager.get_user_secondary_roles(username, host) or {}) do
+			roles[name] = true;
+		end
+		return next(roles) and roles or nil;
+	end
 	return module:open_store("roles"):get(username);
 end
 
