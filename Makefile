@@ -30,7 +30,7 @@ PROSODY13 := $(BUILD)/prosody13
 # Lua versions the boundary specs run on (each with its own build of the core).
 LUA_MATRIX := 5.1 5.2 5.3 5.4 jit
 
-.PHONY: all build install deps test test-rust test-busted test-lua-versions test-integration test-prosody13 lint run clean
+.PHONY: all build install deps test test-rust test-busted test-lua-versions test-integration test-prosody13 bench-core lint run clean
 
 all: build
 
@@ -78,6 +78,10 @@ $(PROSODY13)/bin/prosody:
 test-prosody13: $(PROSODY13)/bin/prosody
 	PROSODY_BIN=$(CURDIR)/$(PROSODY13)/bin/prosody PROSODYCTL_BIN=$(CURDIR)/$(PROSODY13)/bin/prosodyctl \
 		python3 -m pytest -q spec/integration
+
+# CPU per operation of the Rust core alone (in-memory storage).
+bench-core:
+	cargo bench --features lua54 --bench core_bench
 
 lint:
 	cargo fmt --check
