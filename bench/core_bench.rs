@@ -87,11 +87,20 @@ fn main() {
         black_box(book.validate(&token, None, 1500).is_ok());
     });
     measure("get / validate an unknown token", 2000, |_| {
-        black_box(book.validate("UnknownUnknownUnknown123", None, 1500).is_err());
+        black_box(
+            book.validate("UnknownUnknownUnknown123", None, 1500)
+                .is_err(),
+        );
     });
 
     let tokens: Vec<String> = (0..BATCHES * 200)
-        .map(|_| book.create(spec(), 1000).expect("create").token.expose().to_owned())
+        .map(|_| {
+            book.create(spec(), 1000)
+                .expect("create")
+                .token
+                .expose()
+                .to_owned()
+        })
         .collect();
     measure("redeem (reserve + confirm)", 200, |i| {
         let claim = Claim {
