@@ -123,6 +123,30 @@ impl<B: Backend> Invites<B> {
             .map_err(|e| self.storage_failed("write", &short_id_of_key(key), &e))
     }
 
+    /// Settles reservations a crash left behind (see `InviteRecord::settle_lapsed`).
+    fn settle(
+        &self,
+        record: &mut InviteRecord,
+        now: i64,
+        except_holder: Option<&str>,
+    ) -> Result<(), InviteError> {
+        let mut failure = None;
+        record.settle_lapsed(now, except_holder, &mut |username| {
+            match self.backend.account_exists(username) {
+                Ok(exists) => exists,
+                Err(e) => {
+                    failure = Some(e);
+                    // Assume the account exists: spending a use is the safe side.
+                    true
+                }
+            }
+        });
+        match failure {
+            Some(e) => Err(self.storage_failed("check the accounts of", "-", &e)),
+            None => Ok(()),
+        }
+    }
+
     fn find(&self, token: &str) -> Result<Found, InviteError> {
         let token = Token::parse(token)?;
         let key = token.hash().key();
@@ -180,7 +204,8 @@ impl<B: Backend> Invites<B> {
         contact_of: Option<&str>,
         now: i64,
     ) -> Result<Found, InviteError> {
-        let found = self.find(token)?;
+        let mut found = self.find(token)?;
+        self.settle(&mut found.record, now, None)?;
         let r = &found.record;
         match contact_of {
             Some(user) => {
@@ -201,6 +226,7 @@ impl<B: Backend> Invites<B> {
     /// Holds one use for the registration `claim` describes; see `state.rs`.
     pub fn reserve(&self, token: &str, claim: &Claim<'_>, now: i64) -> Result<Found, InviteError> {
         let Found { key, mut record } = self.find(token)?;
+        self.settle(&mut record, now, None)?;
         record.reserve(claim, now)?;
         if record.username.as_deref() != Some(claim.username) && record.reset.is_none() {
             // The name may be held for somebody else's invite.
@@ -215,6 +241,7 @@ impl<B: Backend> Invites<B> {
     /// The registration holding `holder` succeeded.
     pub fn confirm(&self, token: &str, holder: &str, now: i64) -> Result<Found, InviteError> {
         let Found { key, mut record } = self.find(token)?;
+        self.settle(&mut record, now, Some(holder))?;
         let outcome = record.confirm(holder, now);
         if outcome.is_err() {
             self.backend.log(
@@ -286,12 +313,13 @@ impl<B: Backend> Invites<B> {
     /// Removes the record under `key` if the invite is over (used, revoked or expired) and
     /// has been for `keep` seconds. Returns whether it was removed.
     pub fn prune(&self, key: &str, now: i64, keep: i64) -> Result<bool, InviteError> {
-        let record = match self.load(key) {
+        let mut record = match self.load(key) {
             Ok(record) => record,
             // Corrupt records stay for an admin to look at; unknown keys are not ours.
             Err(InviteError::TokenInvalid) => return Ok(false),
             Err(e) => return Err(e),
         };
+        self.settle(&mut record, now, None)?;
         let over_since = match record.status(now) {
             Status::Pending | Status::Reserved => return Ok(false),
             Status::Expired => record.expires,
@@ -851,6 +879,92 @@ mod tests {
             b.revoke_key("0".repeat(64).as_str(), 1001).err(),
             Some(InviteError::TokenInvalid)
         );
+    }
+
+    /// Replays a registration's storage writes and "crashes" after every prefix of them
+    /// (the in-memory `Invites` is dropped; only what was written survives), then restarts
+    /// past the reservation lease and lets another client try the same invite.
+    /// Invariants: (1) at most `uses` accounts from the invite, ever; (2) a registration
+    /// that failed leaves the remaining uses unchanged; (3) a revoked invite yields nothing.
+    #[test]
+    fn crash_after_every_write_of_a_registration_keeps_the_invariants() {
+        for max_uses in [1u32, 2] {
+            for revoke_after_restart in [false, true] {
+                for crash_at in 0..=4 {
+                    let backend = MemoryBackend::new();
+                    let mut spec = account(None);
+                    spec.max_uses = Some(max_uses);
+                    let token = {
+                        let book = Invites::new(&backend);
+                        book.create(spec, 1000).unwrap().token.expose().to_owned()
+                    };
+                    let mut created_by_invite = 0;
+                    let mut step = 0;
+                    let mut first_failed = true;
+                    {
+                        // The first registration, cut short after `crash_at` steps.
+                        let book = Invites::new(&backend);
+                        let claim = claim("A", "alice", 1001);
+                        let mut run = || -> Option<()> {
+                            step += 1;
+                            if step > crash_at {
+                                return None;
+                            }
+                            book.reserve(&token, &claim, 1001).ok()?;
+                            step += 1;
+                            if step > crash_at {
+                                return None;
+                            }
+                            backend.accounts.borrow_mut().insert(String::from("alice"));
+                            created_by_invite += 1;
+                            step += 1;
+                            if step > crash_at {
+                                return None;
+                            }
+                            book.confirm(&token, "A", 1001).ok()?;
+                            first_failed = false;
+                            Some(())
+                        };
+                        let _ = run();
+                    }
+                    // Restart well after the lease; maybe an admin revokes the invite.
+                    let book = Invites::new(&backend);
+                    // Past the lease (1061), before expiry (1100).
+                    let later = 1090;
+                    if revoke_after_restart {
+                        book.revoke(&token, later).unwrap();
+                    }
+                    // Others try until the invite refuses.
+                    let mut others = 0;
+                    for i in 0..5 {
+                        let holder = format!("B{i}");
+                        let user = format!("bob{i}");
+                        let c = claim(&holder, &user, later);
+                        if book.reserve(&token, &c, later).is_ok() {
+                            backend.accounts.borrow_mut().insert(user.clone());
+                            book.confirm(&token, &holder, later).unwrap();
+                            others += 1;
+                        }
+                    }
+                    let total = created_by_invite + others;
+                    let case = format!(
+                        "max_uses={max_uses} revoke={revoke_after_restart} crash_at={crash_at}"
+                    );
+                    // (1)
+                    assert!(total <= max_uses, "{case}: {total} accounts");
+                    // (3)
+                    if revoke_after_restart {
+                        assert_eq!(others, 0, "{case}");
+                    } else {
+                        // (2): whatever the first attempt did not create is still there.
+                        assert_eq!(
+                            total, max_uses,
+                            "{case}: uses lost (first failed: {first_failed})"
+                        );
+                    }
+                }
+            }
+        }
     }
 
     #[test]

@@ -33,6 +33,7 @@ pub struct LuaBackend {
     invites: Table,
     names: Table,
     log: Option<Function>,
+    account_exists: Option<Function>,
 }
 
 impl LuaBackend {
@@ -113,6 +114,18 @@ impl Backend for LuaBackend {
     fn log(&self, level: Level, message: &str) {
         if let Some(log) = &self.log {
             let _ = log.call::<()>((level.as_str(), message));
+        }
+    }
+
+    fn account_exists(&self, username: &str) -> Result<bool, StoreError> {
+        match &self.account_exists {
+            None => Ok(false),
+            Some(f) => match f.call::<Value>(username) {
+                Ok(Value::Boolean(b)) => Ok(b),
+                Ok(Value::Nil) => Ok(false),
+                Ok(other) => Ok(!matches!(other, Value::Boolean(false))),
+                Err(e) => Err(StoreError::Backend(lua_error_text(&e))),
+            },
         }
     }
 }
@@ -584,11 +597,24 @@ pub fn exports(lua: &Lua) -> mlua::Result<Table> {
                 Value::Function(f) => Some(f),
                 other => return Err(bad_field("log", "new", "function or nil", &other)),
             };
+            let account_exists = match config.raw_get::<Value>("account_exists")? {
+                Value::Nil => None,
+                Value::Function(f) => Some(f),
+                other => {
+                    return Err(bad_field(
+                        "account_exists",
+                        "new",
+                        "function or nil",
+                        &other,
+                    ))
+                }
+            };
             let backend = LuaBackend {
                 lua: lua.weak(),
                 invites,
                 names,
                 log,
+                account_exists,
             };
             lua.create_userdata(Book(Invites::new(backend)))
         })?,

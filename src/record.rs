@@ -47,6 +47,10 @@ pub enum StoredState {
 pub struct Reservation {
     pub holder: String,
     pub until: i64,
+    /// The account being created (not for resets): if it exists once the reservation has
+    /// lapsed, the server stopped between creating it and confirming, and the use is spent.
+    #[serde(default)]
+    pub username: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]

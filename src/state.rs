@@ -100,6 +100,28 @@ impl InviteRecord {
         self.reservations.len() != before
     }
 
+    /// Settles reservations whose lease ran out (other than `except_holder`'s): the use is
+    /// spent if the account they were for exists (the server stopped after creating it but
+    /// before confirming), and given back otherwise. Returns whether anything changed.
+    pub fn settle_lapsed(
+        &mut self,
+        now: i64,
+        except_holder: Option<&str>,
+        account_exists: &mut dyn FnMut(&str) -> bool,
+    ) -> bool {
+        let (lapsed, kept): (Vec<Reservation>, Vec<Reservation>) =
+            std::mem::take(&mut self.reservations)
+                .into_iter()
+                .partition(|r| r.until < now && Some(r.holder.as_str()) != except_holder);
+        self.reservations = kept;
+        for r in &lapsed {
+            if r.username.as_deref().is_some_and(&mut *account_exists) {
+                self.spend_one(now);
+            }
+        }
+        !lapsed.is_empty()
+    }
+
     /// Holds one use for a registration about to happen.
     pub fn reserve(&mut self, claim: &Claim<'_>, now: i64) -> Result<(), InviteError> {
         self.prune_reservations(now);
@@ -151,6 +173,7 @@ impl InviteRecord {
         self.reservations.push(Reservation {
             holder: claim.holder.to_owned(),
             until: claim.lease_until,
+            username: self.reset.is_none().then(|| claim.username.to_owned()),
         });
         Ok(())
     }
@@ -312,6 +335,23 @@ mod tests {
         assert_eq!(r.confirm("a", 1602), Err(InviteError::TokenUsed));
         r.confirm("b", 1602).unwrap();
         assert_eq!(r.uses, 1);
+    }
+
+    #[test]
+    fn lapsed_reservation_counts_if_its_account_was_created() {
+        let mut r = record();
+        r.reserve(&claim("a", "alice"), 1500).unwrap();
+        // Before the lease runs out nothing is settled.
+        assert!(!r.settle_lapsed(1600, None, &mut |_| true));
+        // Crash after the account was created: the use is spent.
+        assert!(r.settle_lapsed(1601, None, &mut |u| u == "alice"));
+        assert_eq!(r.status(1601), Status::Used);
+        // Crash before: the use comes back.
+        let mut r = record();
+        r.reserve(&claim("a", "alice"), 1500).unwrap();
+        assert!(r.settle_lapsed(1601, None, &mut |_| false));
+        assert_eq!(r.status(1601), Status::Pending);
+        assert_eq!(r.uses, 0);
     }
 
     #[test]

@@ -42,6 +42,23 @@ pub trait Backend {
     fn put(&self, space: Space, owner: &str, value: Option<&str>) -> Result<(), StoreError>;
     /// Log messages never contain tokens; the core guarantees that, not the backend.
     fn log(&self, level: Level, message: &str);
+    /// Whether an account exists (to settle reservations a crash left behind).
+    fn account_exists(&self, username: &str) -> Result<bool, StoreError>;
+}
+
+impl<T: Backend + ?Sized> Backend for &T {
+    fn get(&self, space: Space, owner: &str) -> Result<Option<String>, StoreError> {
+        (**self).get(space, owner)
+    }
+    fn put(&self, space: Space, owner: &str, value: Option<&str>) -> Result<(), StoreError> {
+        (**self).put(space, owner, value)
+    }
+    fn log(&self, level: Level, message: &str) {
+        (**self).log(level, message)
+    }
+    fn account_exists(&self, username: &str) -> Result<bool, StoreError> {
+        (**self).account_exists(username)
+    }
 }
 
 /// In-memory backend for tests and benchmarks, with optional fault injection.
@@ -52,6 +69,8 @@ pub struct MemoryBackend {
     /// Fail one operation after this many more succeed (`None`: never), then work again.
     pub fail_after: Cell<Option<usize>>,
     pub ops: Cell<usize>,
+    /// Accounts that exist, as far as `account_exists` is concerned.
+    pub accounts: RefCell<std::collections::BTreeSet<String>>,
 }
 
 impl MemoryBackend {
@@ -115,5 +134,9 @@ impl Backend for MemoryBackend {
 
     fn log(&self, level: Level, message: &str) {
         self.logs.borrow_mut().push((level, message.to_owned()));
+    }
+
+    fn account_exists(&self, username: &str) -> Result<bool, StoreError> {
+        Ok(self.accounts.borrow().contains(username))
     }
 }

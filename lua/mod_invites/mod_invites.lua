@@ -61,6 +61,10 @@ local function open_book()
 		invites = invite_store;
 		names = module:open_store("invites_by_username");
 		log = log_from_core;
+		-- Settles registrations a crash cut short (see src/state.rs, settle_lapsed).
+		account_exists = function (username)
+			return usermanager.user_exists(username, module.host);
+		end;
 	});
 end
 
