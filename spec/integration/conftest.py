@@ -21,7 +21,8 @@ import xmpp  # noqa: E402
 # @pytest.mark.async_timeout(N).
 ASYNC_TEST_TIMEOUT = float(os.environ.get("ASYNC_TEST_TIMEOUT", "60"))
 
-_ALL_STORAGES = ("internal", "sql")
+# "pgsql" is in the default set: a missing PostgreSQL makes its tests FAIL (clear message), not skip.
+_ALL_STORAGES = harness.STORAGES  # ("internal", "sql", "pgsql")
 
 
 def _storages():
@@ -31,7 +32,9 @@ def _storages():
     chosen = [s.strip() for s in want.split(",") if s.strip()]
     bad = [s for s in chosen if s not in _ALL_STORAGES]
     if bad:
-        raise pytest.UsageError(f"INVITES_STORAGE: unknown storage {bad}; use internal and/or sql")
+        raise pytest.UsageError(
+            f"INVITES_STORAGE: unknown storage {bad}; use a comma-separated subset of {','.join(_ALL_STORAGES)}"
+        )
     return chosen
 
 
@@ -41,7 +44,16 @@ def pytest_configure(config):
 
 
 def pytest_report_header(config):
-    return f"INVITES_IMPL={harness.invites_impl()} storages={','.join(_storages())}"
+    header = f"INVITES_IMPL={harness.invites_impl()} storages={','.join(_storages())}"
+    if "pgsql" in _storages():
+        dsn = os.environ.get("INVITES_PGSQL_DSN")
+        header += " pgsql=" + ("INVITES_PGSQL_DSN (existing server)" if dsn else "own server, started on first use")
+    return header
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The PostgreSQL of storage=pgsql lives for the whole run (one per pytest process); stop it here."""
+    harness.stop_shared_pgsql()
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -66,6 +78,16 @@ def storage(request):
     return request.param
 
 
+@pytest.fixture(scope="session")
+def pgsql():
+    """The run's shared PostgreSQL (harness.PgsqlCluster), started on first use; fails if unavailable."""
+    try:
+        return harness.shared_pgsql()
+    except harness.PgsqlUnavailable as e:
+        problem = str(e)
+    pytest.fail(problem, pytrace=False)
+
+
 @pytest.fixture
 def make_server(storage, request):
     """Factory: make_server(**ProsodyServer kwargs) -> started ProsodyServer (stopped at teardown).
@@ -81,7 +103,7 @@ def make_server(storage, request):
             srv = harness.ProsodyServer(**kw)
             servers.append(srv)
             srv.start()
-        except harness.ImplementationMissing as e:
+        except (harness.ImplementationMissing, harness.PgsqlUnavailable) as e:
             problem = str(e)
         if problem:  # outside the except block: no exception chain in the report
             pytest.fail(problem, pytrace=False)
@@ -115,6 +137,14 @@ def pytest_runtest_makereport(item, call):
         srv = getattr(item, "_prosody_server", None)
         if srv is not None and srv.dir.exists():
             rep.sections.append(("prosody logs", srv.tail(60)))
+        pg = getattr(srv, "pgsql", None)
+        if pg is not None and pg.log_path is not None and srv.pg_database:
+            try:
+                lines = [ln for ln in pg.log_path.read_text(errors="replace").splitlines() if srv.pg_database in ln]
+            except OSError:
+                lines = []
+            if lines:
+                rep.sections.append(("postgres log (this server's database)", "\n".join(lines[-30:])))
 
 
 # ------------------------------------------------------------------ accounts

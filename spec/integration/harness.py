@@ -19,14 +19,21 @@ is on the plugin path too, after the build folder.
 
 from __future__ import annotations
 
+import atexit
+import glob
+import itertools
+import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import tempfile
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -65,6 +72,13 @@ class HarnessError(RuntimeError):
 
 class ImplementationMissing(HarnessError):
     """INVITES_IMPL=ours but the built plugins are not there."""
+
+
+class PgsqlUnavailable(HarnessError):
+    """storage="pgsql" but there is no PostgreSQL to start (or to reach with INVITES_PGSQL_DSN)."""
+
+
+STORAGES = ("internal", "sql", "pgsql")
 
 
 def invites_impl() -> str:
@@ -131,12 +145,490 @@ def lua_value(value) -> str:
     raise TypeError(f"cannot render {value!r} as Lua")
 
 
+# --------------------------------------------------------------- PostgreSQL
+#
+# storage="pgsql" runs Prosody's mod_storage_sql with driver "PostgreSQL". By default the
+# harness starts ONE PostgreSQL server per Python process (so one per pytest run), lazily, on
+# the first pgsql ProsodyServer: initdb into a temp dir, listening on 127.0.0.1 only (plus a
+# unix socket inside that temp dir), started with `pg_ctl -w`, stopped and removed at exit
+# (conftest also stops it in pytest_sessionfinish). Every pgsql ProsodyServer gets its own fresh
+# database, dropped by cleanup(). INVITES_PGSQL_DSN points at an existing server instead.
+
+PG_SUPERUSER = "postgres"  # bootstrap superuser of the cluster we initdb (trust on loopback)
+PG_ROLE = "prosody"  # what Prosody logs in as (scram-sha-256 password, owns each test database)
+PG_PASSWORD = "prosody-test-secret"
+PG_SERVER_TOOLS = ("initdb", "pg_ctl", "postgres")
+PG_CLIENT_TOOLS = ("psql", "pg_dump")
+# Where LuaDBI's PostgreSQL driver (Debian: lua-dbi-postgresql; LuaRocks: luadbi-postgresql) lives.
+LUADBI_PG_GLOBS = (
+    "/usr/lib/*/lua/*/dbd/postgresql.so",
+    "/usr/lib/lua/*/dbd/postgresql.so",
+    "/usr/local/lib/lua/*/dbd/postgresql.so",
+    "/usr/local/lib/*/lua/*/dbd/postgresql.so",
+)
+_INSTALL_HINT = (
+    "install Debian's `postgresql` and `lua-dbi-postgresql` (apt-get install postgresql lua-dbi-postgresql), "
+    "or set INVITES_PGSQL_DSN=postgresql://USER:PASSWORD@HOST:PORT/postgres to use an existing server, "
+    "or leave pgsql out of INVITES_STORAGE"
+)
+
+
+def _pg_version_key(bindir: Path):
+    try:
+        return tuple(int(x) for x in bindir.parent.name.split("."))
+    except ValueError:
+        return (-1,)
+
+
+def pg_bindirs() -> list[Path]:
+    """Candidate PostgreSQL bin dirs, newest first: INVITES_PGSQL_BINDIR, else /usr/lib/postgresql/*/bin."""
+    env = os.environ.get("INVITES_PGSQL_BINDIR")
+    if env:
+        return [Path(env)]
+    return sorted((Path(p) for p in glob.glob("/usr/lib/postgresql/*/bin")), key=_pg_version_key, reverse=True)
+
+
+def _is_exe(p: Path) -> bool:
+    return p.is_file() and os.access(p, os.X_OK)
+
+
+def pg_server_bindir() -> Path:
+    """The bin dir holding initdb, pg_ctl, postgres, psql and pg_dump, or PgsqlUnavailable."""
+    for d in pg_bindirs():
+        if all(_is_exe(d / t) for t in PG_SERVER_TOOLS + PG_CLIENT_TOOLS):
+            return d
+    where = os.environ.get("INVITES_PGSQL_BINDIR") or "/usr/lib/postgresql/<version>/bin"
+    raise PgsqlUnavailable(
+        f"storage=pgsql: no PostgreSQL server binaries ({', '.join(PG_SERVER_TOOLS + PG_CLIENT_TOOLS)}) "
+        f"under {where}; {_INSTALL_HINT}"
+    )
+
+
+def pg_client_tool(name: str) -> str:
+    """psql / pg_dump: from a PostgreSQL bin dir (newest), else from PATH."""
+    for d in pg_bindirs():
+        if _is_exe(d / name):
+            return str(d / name)
+    found = shutil.which(name)
+    if found:
+        return found
+    raise PgsqlUnavailable(f"storage=pgsql: `{name}` not found (Debian: postgresql-client); {_INSTALL_HINT}")
+
+
+def luadbi_postgresql_present() -> bool:
+    return any(glob.glob(g) for g in LUADBI_PG_GLOBS)
+
+
+def _pg_env(extra: dict | None = None) -> dict:
+    """The environment minus libpq's PG* variables (they would silently redirect psql/pg_dump)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    env.update({"PGCONNECT_TIMEOUT": "10", "LC_ALL": "C"})
+    if extra:
+        env.update(extra)
+    return env
+
+
+def pg_ident(name: str) -> str:
+    """Quote an SQL identifier."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def pg_literal(value: str) -> str:
+    """Quote an SQL string literal (standard_conforming_strings is on in every supported version)."""
+    return "'" + str(value).replace("'", "''") + "'"
+
+
+class SqlResult(list):
+    """Rows (tuples) of sql_query(); .rowcount: rows changed by INSERT/UPDATE/DELETE, len(rows) for a query."""
+
+    rowcount: int = -1
+
+
+class _JsonObj(list):
+    """Key/value pairs of a JSON object, in order (json.loads object_pairs_hook)."""
+
+
+def _from_json(v):
+    if isinstance(v, _JsonObj):
+        return {k: _from_json(x) for k, x in v}
+    if isinstance(v, list):
+        return [_from_json(x) for x in v]
+    return v
+
+
+_ROWS_STATEMENT = re.compile(r"^\s*(select|with|values|table)\b", re.I)
+_DML_TAG = re.compile(r"^(INSERT \d+|UPDATE|DELETE|MERGE|COPY|SELECT) (\d+)$")
+
+
+def _placeholders_to_psql(query: str, params: Sequence) -> tuple[str, dict]:
+    """`?` placeholders (sqlite3 style) -> psql variables :'p1' (quoted by psql itself)."""
+    out, variables, n = [], {}, 0
+    i, quote = 0, None
+    while i < len(query):
+        ch = query[i]
+        if quote:
+            if ch == quote:
+                quote = None
+            out.append(ch)
+        elif ch in ("'", '"'):
+            quote = ch
+            out.append(ch)
+        elif ch == "-" and query.startswith("--", i):
+            j = query.find("\n", i)
+            j = len(query) if j < 0 else j
+            out.append(query[i:j])
+            i = j
+            continue
+        elif ch == "?":
+            if n >= len(params):
+                raise HarnessError(f"sql_query: more ? than parameters ({len(params)}) in {query!r}")
+            v = params[n]
+            n += 1
+            if v is None:
+                out.append("NULL")
+            elif isinstance(v, bool):
+                out.append("true" if v else "false")
+            elif isinstance(v, (int, float)):
+                out.append(repr(v))
+            else:
+                if isinstance(v, bytes):
+                    v = v.decode()
+                name = f"p{n}"
+                variables[name] = str(v)
+                out.append(f":'{name}'")
+        else:
+            out.append(ch)
+        i += 1
+    if n != len(params):
+        raise HarnessError(f"sql_query: {len(params)} parameters for {n} placeholders in {query!r}")
+    return "".join(out), variables
+
+
+class PgsqlCluster:
+    """A PostgreSQL server for storage="pgsql".
+
+    PgsqlCluster() starts its own (initdb in a temp dir, 127.0.0.1 on a free port, pg_ctl -w);
+    PgsqlCluster(dsn="postgresql://user:pw@host:port/db") uses an existing server (the user needs
+    CREATEDB; databases are created and dropped there, nothing else is touched).
+    """
+
+    def __init__(self, dsn: str | None = None, *, start_timeout: float = 60.0, keep_dir: bool | None = None):
+        self.managed = not dsn
+        self.dsn = dsn
+        self.start_timeout = start_timeout
+        if keep_dir is None:
+            keep_dir = os.environ.get("PROSODY_KEEP_DIR", "") not in ("", "0")
+        self.keep_dir = keep_dir
+        self.dir: Path | None = None
+        self.bindir: Path | None = None
+        self.host = LOOPBACK
+        self.port: int | None = None
+        self.admin_db = "postgres"
+        self.admin_user = PG_SUPERUSER
+        self.admin_password: str | None = None
+        self.role = PG_ROLE
+        self.password: str | None = PG_PASSWORD
+        self.started = False
+        self.databases: set[str] = set()
+        self._counter = itertools.count(1)
+        if not self.managed:
+            self._parse_dsn(dsn)
+
+    # ------------------------------------------------------------ set-up
+
+    def _parse_dsn(self, dsn: str):
+        u = urllib.parse.urlsplit(dsn)
+        if u.scheme not in ("postgresql", "postgres"):
+            raise PgsqlUnavailable(f"INVITES_PGSQL_DSN must be postgresql://USER:PASSWORD@HOST:PORT/DB, not {dsn!r}")
+        q = urllib.parse.parse_qs(u.query)
+        netloc_host = u.netloc.rpartition("@")[2]
+        if netloc_host.startswith("["):
+            host = netloc_host[1: netloc_host.index("]")]
+        else:
+            host = urllib.parse.unquote(netloc_host.split(":")[0]) if netloc_host else ""
+        self.host = (q.get("host") or [host])[0] or "127.0.0.1"  # a /path is a unix socket dir
+        self.port = int((q.get("port") or [u.port or 5432])[0])
+        self.admin_user = urllib.parse.unquote(u.username) if u.username else PG_SUPERUSER
+        self.admin_password = urllib.parse.unquote(u.password) if u.password is not None else None
+        self.admin_db = urllib.parse.unquote(u.path.lstrip("/")) or "postgres"
+        self.role, self.password = self.admin_user, self.admin_password
+
+    def _as_postgres(self) -> dict:
+        """Popen kwargs running a server tool as the `postgres` user when we are root (PostgreSQL refuses root)."""
+        if os.geteuid() != 0:
+            return {}
+        import pwd
+
+        try:
+            pw = pwd.getpwnam("postgres")
+        except KeyError:
+            raise PgsqlUnavailable(
+                "storage=pgsql: running as root, and PostgreSQL refuses to run as root, but there is no "
+                f"`postgres` system user to run it as (Debian's postgresql package creates it); {_INSTALL_HINT}"
+            ) from None
+        return {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": []}
+
+    def _server_tool(self, *args, timeout: float, check: bool = True) -> subprocess.CompletedProcess:
+        assert self.bindir is not None and self.dir is not None
+        p = subprocess.run(
+            [str(self.bindir / args[0]), *map(str, args[1:])],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=str(self.dir),
+            env=_pg_env({"HOME": str(self.dir)}),
+            **self._as_postgres(),
+        )
+        if check and p.returncode != 0:
+            raise PgsqlUnavailable(
+                f"storage=pgsql: {args[0]} failed rc={p.returncode}\n{p.stdout}\n{p.stderr}\n{self.log_tail()}"
+            )
+        return p
+
+    @property
+    def data_dir(self) -> Path | None:
+        return self.dir / "data" if self.dir else None
+
+    @property
+    def log_path(self) -> Path | None:
+        return self.dir / "postgres.log" if self.dir else None
+
+    def log_tail(self, n: int = 30) -> str:
+        try:
+            lines = self.log_path.read_text(errors="replace").splitlines()[-n:]
+        except (AttributeError, OSError):
+            return ""
+        return f"--- postgres.log ({self.log_path}) ---\n" + "\n".join(lines)
+
+    def start(self) -> "PgsqlCluster":
+        if self.started:
+            return self
+        if not luadbi_postgresql_present():
+            raise PgsqlUnavailable(
+                "storage=pgsql: LuaDBI's PostgreSQL driver (dbd/postgresql.so) is not installed, so Prosody "
+                f"could not connect; {_INSTALL_HINT}"
+            )
+        if self.managed:
+            self._start_managed()
+        else:
+            try:  # reachable, credentials work
+                self.psql("SELECT 1", database=self.admin_db, admin=True)
+            except (HarnessError, subprocess.TimeoutExpired) as e:
+                raise PgsqlUnavailable(
+                    f"storage=pgsql: cannot use INVITES_PGSQL_DSN (host={self.host} port={self.port} "
+                    f"user={self.admin_user} database={self.admin_db}): {e}"
+                ) from None
+        self.started = True
+        return self
+
+    def _start_managed(self):
+        self.bindir = pg_server_bindir()
+        creds = self._as_postgres()  # fails early and clearly without a postgres user
+        self.dir = Path(tempfile.mkdtemp(prefix="prosody-pgsql-"))
+        try:
+            if creds:
+                os.chown(self.dir, creds["user"], creds["group"])
+            t0 = time.monotonic()
+            self._server_tool(
+                "initdb", "-D", self.data_dir, "-U", PG_SUPERUSER, "-A", "trust", "-E", "UTF8",
+                "--locale=C", "--no-sync", timeout=self.start_timeout,
+            )
+            # Files stay owned by postgres: rewriting existing files keeps their owner.
+            (self.data_dir / "pg_hba.conf").write_text(
+                "# generated by spec/integration/harness.py\n"
+                "local all all trust\n"
+                f"host all {PG_SUPERUSER} 127.0.0.1/32 trust\n"
+                "host all all 127.0.0.1/32 scram-sha-256\n"
+            )
+            with open(self.data_dir / "postgresql.conf", "a") as f:
+                f.write(
+                    "\n# generated by spec/integration/harness.py: a throwaway test cluster\n"
+                    "listen_addresses = '127.0.0.1'\n"
+                    f"unix_socket_directories = {pg_literal(self.dir)}\n"
+                    "fsync = off\nsynchronous_commit = off\nfull_page_writes = off\n"
+                    "password_encryption = 'scram-sha-256'\n"
+                    "logging_collector = off\n"
+                    "log_line_prefix = '%m [%p] %q%u@%d '\n"
+                )
+            last = ""
+            for _attempt in range(3):  # the free port can be taken before postgres binds it
+                self.port = free_port()
+                remaining = max(5.0, self.start_timeout - (time.monotonic() - t0))
+                # -w: pg_ctl returns once the server accepts connections, or fails after -t seconds.
+                p = self._server_tool(
+                    "pg_ctl", "-D", self.data_dir, "-l", self.log_path, "-w", "-t", int(remaining),
+                    "-o", f"-p {self.port}", "start", timeout=remaining + 10, check=False,
+                )
+                if p.returncode == 0:
+                    break
+                last = f"pg_ctl start rc={p.returncode}\n{p.stdout}\n{p.stderr}\n{self.log_tail()}"
+                if "Address already in use" not in self.log_tail(10):
+                    break
+            else:
+                p = None
+            if p is None or p.returncode != 0:
+                raise PgsqlUnavailable(f"storage=pgsql: PostgreSQL did not start in {self.dir}\n{last}")
+            self.started = True
+            self.psql(
+                f"CREATE ROLE {pg_ident(PG_ROLE)} LOGIN PASSWORD {pg_literal(PG_PASSWORD)}",
+                database="postgres", admin=True,
+            )
+            self.start_seconds = time.monotonic() - t0
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self):
+        """Stops a server we started and removes its dir (kept with PROSODY_KEEP_DIR=1)."""
+        if self.managed and self.dir is not None:
+            if self.data_dir and (self.data_dir / "postmaster.pid").exists():
+                p = self._server_tool("pg_ctl", "-D", self.data_dir, "-m", "fast", "-w", "-t", 30, "stop",
+                                      timeout=40, check=False)
+                if p.returncode != 0:
+                    self._server_tool("pg_ctl", "-D", self.data_dir, "-m", "immediate", "-w", "-t", 30, "stop",
+                                      timeout=40, check=False)
+            if not self.keep_dir:
+                shutil.rmtree(self.dir, ignore_errors=True)
+                self.dir = None
+        elif not self.managed and self.started:
+            for name in sorted(self.databases):  # leftovers of servers never cleaned up
+                self.drop_database(name)
+        self.started = False
+
+    # ------------------------------------------------------------ clients
+
+    def _conn_args(self, database: str, admin: bool) -> tuple[list[str], dict]:
+        user, password = (self.admin_user, self.admin_password) if admin else (self.role, self.password)
+        args = ["-h", str(self.host), "-p", str(self.port), "-U", user, "-d", database]
+        env = _pg_env({"PGAPPNAME": "prosody-invites-harness"})
+        if password is not None:
+            env["PGPASSWORD"] = password
+        return args, env
+
+    def psql(self, sql: str, *, database: str | None = None, variables: dict | None = None,
+             admin: bool = False, quiet: bool = True, timeout: float = 30.0) -> str:
+        """Runs SQL (read from stdin, so :'var' interpolation works) and returns psql's unaligned output."""
+        conn, env = self._conn_args(database or self.admin_db, admin)
+        cmd = [pg_client_tool("psql"), "-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", *conn]
+        if quiet:
+            cmd.append("-q")
+        for k, v in (variables or {}).items():
+            cmd += ["-v", f"{k}={v}"]
+        p = subprocess.run(cmd, input=sql if sql.rstrip().endswith(";") else sql + ";\n",
+                           capture_output=True, text=True, timeout=timeout, env=env, cwd="/")
+        if p.returncode != 0:
+            raise HarnessError(f"psql failed rc={p.returncode}: {p.stderr.strip()}\nSQL: {sql}")
+        return p.stdout
+
+    def query(self, database: str, query: str, *params) -> SqlResult:
+        """sqlite3-style query (`?` placeholders) on `database` as the Prosody role."""
+        sql, variables = _placeholders_to_psql(query.strip().rstrip(";"), params)
+        res = SqlResult()
+        if _ROWS_STATEMENT.match(sql):
+            out = self.psql(f"SELECT coalesce(json_agg(q), '[]'::json) FROM (\n{sql}\n) AS q",
+                            database=database, variables=variables)
+            for row in json.loads(out.strip() or "[]", object_pairs_hook=_JsonObj):
+                res.append(tuple(_from_json(v) for _k, v in row))
+            res.rowcount = len(res)
+            return res
+        out = self.psql(sql, database=database, variables=variables, quiet=False)
+        for line in out.splitlines():
+            m = _DML_TAG.match(line.strip())
+            if m:
+                res.rowcount = int(m.group(2))
+            elif line and not re.match(r"^[A-Z][A-Z ]*$", line):  # RETURNING rows, unaligned, as text
+                res.append(tuple(line.split("|")))
+        return res
+
+    def create_database(self) -> str:
+        """A fresh, empty UTF-8 database owned by the Prosody role; returns its name."""
+        self.start()
+        name = f"prosody_test_{os.getpid()}_{next(self._counter)}_{secrets.token_hex(3)}"
+        self.psql(
+            f"CREATE DATABASE {pg_ident(name)} OWNER {pg_ident(self.role)} TEMPLATE template0 "
+            "ENCODING 'UTF8' LC_COLLATE 'C' LC_CTYPE 'C'",
+            database=self.admin_db, admin=True, timeout=60,
+        )
+        self.databases.add(name)
+        return name
+
+    def drop_database(self, name: str):
+        if self.started:
+            # WITH (FORCE): a connection of a killed prosody/prosodyctl must not keep it alive.
+            self.psql(f"DROP DATABASE IF EXISTS {pg_ident(name)} WITH (FORCE)",
+                      database=self.admin_db, admin=True, timeout=60)
+        self.databases.discard(name)
+
+    def dump(self, database: str, timeout: float = 30.0) -> bytes:
+        """pg_dump (plain SQL; table data as COPY text) of one database."""
+        conn, env = self._conn_args(database, admin=False)
+        p = subprocess.run(
+            [pg_client_tool("pg_dump"), "--no-owner", "--no-privileges", *conn],
+            capture_output=True, timeout=timeout, env=env, cwd="/",
+        )
+        if p.returncode != 0:
+            raise HarnessError(f"pg_dump {database} failed rc={p.returncode}: {p.stderr.decode(errors='replace')}")
+        return p.stdout
+
+    def sql_config(self, database: str) -> dict:
+        """The `sql = { ... }` option for Prosody."""
+        cfg = {"driver": "PostgreSQL", "database": database, "host": str(self.host), "port": self.port,
+               "username": self.role}
+        if self.password is not None:
+            cfg["password"] = self.password
+        return cfg
+
+    def __repr__(self):
+        where = f"dir={self.dir}" if self.managed else f"dsn-host={self.host}"
+        return f"<PgsqlCluster {where} port={self.port} started={self.started}>"
+
+
+_shared_pgsql: PgsqlCluster | None = None
+_shared_pgsql_error: PgsqlUnavailable | None = None
+
+
+def shared_pgsql() -> PgsqlCluster:
+    """The process-wide PostgreSQL for storage="pgsql", started on first use (INVITES_PGSQL_DSN: existing one).
+
+    A failure to start is remembered, so later servers fail at once with the same message.
+    """
+    global _shared_pgsql, _shared_pgsql_error
+    if _shared_pgsql_error is not None:
+        raise PgsqlUnavailable(str(_shared_pgsql_error))
+    if _shared_pgsql is None:
+        cluster = PgsqlCluster(dsn=os.environ.get("INVITES_PGSQL_DSN") or None)
+        try:
+            cluster.start()
+        except PgsqlUnavailable as e:
+            _shared_pgsql_error = e
+            raise
+        _shared_pgsql = cluster
+        atexit.register(stop_shared_pgsql)
+    return _shared_pgsql
+
+
+def stop_shared_pgsql():
+    """Stops (and removes) the shared PostgreSQL if it was started. Safe to call more than once."""
+    global _shared_pgsql
+    cluster, _shared_pgsql = _shared_pgsql, None
+    if cluster is not None:
+        cluster.stop()
+
+
+def _copy_escape(needle: bytes) -> bytes:
+    """How COPY ... TO STDOUT (text format, as in pg_dump) writes these bytes."""
+    return (needle.replace(b"\\", b"\\\\").replace(b"\n", b"\\n").replace(b"\r", b"\\r")
+            .replace(b"\t", b"\\t"))
+
+
 class ProsodyServer:
     """One Prosody process with its own config, data dir and c2s port.
 
     Parameters
     ----------
-    storage: "internal" or "sql" (SQLite3 file inside the temp dir).
+    storage: "internal", "sql" (SQLite3 file inside the temp dir) or "pgsql" (a fresh database
+        of the shared PostgreSQL, see shared_pgsql(); dropped by cleanup()).
     impl: "ours" or "stock"; default from INVITES_IMPL.
     registration_invite_only: value for the option of the same name
         (None leaves it out of the config, i.e. module default).
@@ -148,6 +640,7 @@ class ProsodyServer:
     host_options: dict of VirtualHost options rendered with lua_value().
     admins: JIDs for the ``admins`` option.
     testhook: load mod_invites_testhook (default True).
+    pgsql: the PgsqlCluster for storage="pgsql" (default: shared_pgsql()).
     """
 
     def __init__(
@@ -167,9 +660,10 @@ class ProsodyServer:
         start_timeout: float = 20.0,
         stop_timeout: float = 10.0,
         keep_dir: bool | None = None,
+        pgsql: PgsqlCluster | None = None,
     ):
-        if storage not in ("internal", "sql"):
-            raise HarnessError(f"storage must be 'internal' or 'sql', not {storage!r}")
+        if storage not in STORAGES:
+            raise HarnessError(f"storage must be one of {', '.join(STORAGES)}, not {storage!r}")
         self.storage = storage
         self.impl = impl or invites_impl()
         if self.impl not in ("ours", "stock"):
@@ -214,6 +708,16 @@ class ProsodyServer:
         self.proc: subprocess.Popen | None = None
         self.module_paths: dict[str, str] = {}
         self._stdout_file = None
+        self.pgsql: PgsqlCluster | None = None
+        self.pg_database: str | None = None
+        self.pg_dump_path = self.dir / "pgsql-dump.sql"
+        if storage == "pgsql":
+            try:
+                self.pgsql = pgsql or shared_pgsql()
+                self.pg_database = self.pgsql.create_database()
+            except BaseException:
+                shutil.rmtree(self.dir, ignore_errors=True)
+                raise
 
     # ------------------------------------------------------------------ config
 
@@ -269,9 +773,11 @@ class ProsodyServer:
         a("allow_unencrypted_plain_auth = true")
         a('authentication = "internal_hashed"')
         a(f"admins = {lua_value(self.admins)}")
-        a(f'storage = "{self.storage}"')
+        a(f'storage = "{"sql" if self.storage == "pgsql" else self.storage}"')
         if self.storage == "sql":
             a(f'sql = {{ driver = "SQLite3", database = {lua_str(self.sqlite_path)} }}')
+        elif self.storage == "pgsql":
+            a(f"sql = {lua_value(self.pgsql.sql_config(self.pg_database))}")
         if self.registration_invite_only is not None:
             a(f"registration_invite_only = {lua_value(self.registration_invite_only)}")
         if self.allow_registration is not None:
@@ -412,6 +918,15 @@ class ProsodyServer:
 
     def cleanup(self):
         self.stop()
+        if self.pg_database is not None:
+            if self.keep_dir:  # the database stays too; its dump lands in the kept dir
+                try:
+                    self.pg_dump()
+                except HarnessError:
+                    pass
+            else:
+                self.pgsql.drop_database(self.pg_database)
+                self.pg_database = None
         if not self.keep_dir:
             shutil.rmtree(self.dir, ignore_errors=True)
 
@@ -494,17 +1009,77 @@ class ProsodyServer:
         return "\n".join(parts)
 
     def data_files(self) -> list[Path]:
-        """All files of the storage: data_path tree plus the SQLite database."""
+        """All files of the storage: data_path tree plus the SQLite database.
+
+        For pgsql, the database is dumped afresh (pg_dump) to `pgsql-dump.sql` in the server's dir,
+        and that file stands for it.
+        """
         files = sorted(p for p in self.data_dir.rglob("*") if p.is_file())
         for p in sorted(self.dir.glob("prosody.sqlite*")):
             files.append(p)
+        if self.storage == "pgsql" and self.pg_database is not None:
+            files.append(self.pg_dump())
         return files
 
     def grep_data(self, needle: str | bytes) -> list[Path]:
-        """Files of the storage whose raw bytes contain needle."""
+        """Files of the storage whose raw bytes contain needle (pgsql: a fresh dump of the database)."""
         if isinstance(needle, str):
             needle = needle.encode()
-        return [p for p in self.data_files() if needle in p.read_bytes()]
+        found = []
+        for p in self.data_files():
+            data = p.read_bytes()
+            if needle in data or (p == self.pg_dump_path and _copy_escape(needle) in data):
+                found.append(p)
+        return found
+
+    # ------------------------------------------------------------------- SQL
+
+    def pg_dump(self) -> Path:
+        """Writes a pg_dump of this server's PostgreSQL database to `pgsql-dump.sql`; returns the path."""
+        if self.storage != "pgsql" or self.pg_database is None:
+            raise HarnessError(f"pg_dump: storage is {self.storage!r}, not pgsql (or the database is gone)")
+        self.pg_dump_path.write_bytes(self.pgsql.dump(self.pg_database))
+        return self.pg_dump_path
+
+    def sql_query(self, query: str, *params) -> SqlResult:
+        """Runs one SQL statement on the server's SQL storage (SQLite3 or PostgreSQL), with sqlite3-style
+        `?` placeholders, and returns its rows as a list of tuples (`.rowcount`: rows changed by
+        INSERT/UPDATE/DELETE, or the number of rows returned).
+
+        Portable SQL: quote Prosody's column names "user", "key", "type", "value" ("user" unquoted is
+        CURRENT_USER in PostgreSQL). Types: SQLite gives its own; PostgreSQL gives JSON-able values
+        (numbers, text, bool, None) for a SELECT, text for RETURNING rows. Works while Prosody runs.
+        """
+        if self.storage == "sql":
+            db = sqlite3.connect(self.sqlite_path, timeout=10)
+            try:
+                with db:
+                    cur = db.execute(query, params)
+                    res = SqlResult(tuple(r) for r in cur.fetchall())
+                    res.rowcount = cur.rowcount if cur.rowcount >= 0 else len(res)
+            finally:
+                db.close()
+            return res
+        if self.storage == "pgsql":
+            if self.pg_database is None:
+                raise HarnessError("sql_query: the PostgreSQL database was dropped (cleanup() ran)")
+            return self.pgsql.query(self.pg_database, query, *params)
+        raise HarnessError(f"sql_query: storage {self.storage!r} is not SQL")
+
+    def stored_rows(self, store: str | None = None, *, user: str | None = None, key: str | None = None,
+                    host: str | None = HOST) -> list[dict]:
+        """Rows of Prosody's `prosody` table as dicts (host, user, store, key, type, value), any SQL backend."""
+        cols = ("host", "user", "store", "key", "type", "value")
+        where, params = [], []
+        for col, val in (("host", host), ("store", store), ("user", user), ("key", key)):
+            if val is not None:
+                where.append(f'"{col}"=?')
+                params.append(val)
+        q = "SELECT " + ", ".join(f'"{c}"' for c in cols) + ' FROM "prosody"'
+        if where:
+            q += " WHERE " + " AND ".join(where)
+        q += ' ORDER BY "host", "user", "store", "key"'
+        return [dict(zip(cols, row)) for row in self.sql_query(q, *params)]
 
     def grep_logs(self, needle: str | bytes) -> list[Path]:
         if isinstance(needle, str):
@@ -516,7 +1091,8 @@ class ProsodyServer:
         return out
 
     def __repr__(self):
-        return f"<ProsodyServer impl={self.impl} storage={self.storage} port={self.port} dir={self.dir}>"
+        db = f" db={self.pg_database}" if self.pg_database else ""
+        return f"<ProsodyServer impl={self.impl} storage={self.storage} port={self.port} dir={self.dir}{db}>"
 
 
 class _PortInUse(HarnessError):

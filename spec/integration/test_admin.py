@@ -3,7 +3,6 @@ throttle and metrics, against a real Prosody over c2s."""
 
 import asyncio
 import re
-import sqlite3
 import time
 import urllib.request
 
@@ -30,13 +29,9 @@ def stored_records(server):
     if server.storage == "internal":
         folder = server.data_dir / "localhost" / "invites"
         return len(list(folder.glob("*.dat"))) if folder.exists() else 0
-    db = sqlite3.connect(server.sqlite_path)
-    try:
-        (n,) = db.execute(
-            "SELECT COUNT(DISTINCT user) FROM prosody WHERE host='localhost' AND store='invites'"
-        ).fetchone()
-    finally:
-        db.close()
+    ((n,),) = server.sql_query(
+        """SELECT COUNT(DISTINCT "user") FROM prosody WHERE host='localhost' AND store='invites'"""
+    )
     return n
 
 

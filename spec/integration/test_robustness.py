@@ -1,7 +1,6 @@
 """Bad input gets a clear error and loses nothing: malformed stanzas, corrupt records."""
 
 import hashlib
-import sqlite3
 
 import xmpp
 
@@ -16,13 +15,10 @@ def corrupt_record(server, token, garbage):
         assert path.exists(), sorted(p.name for p in path.parent.iterdir())
         path.write_text(f"return {{ record = {garbage!r} }};\n".replace("'", '"'))
     else:
-        db = sqlite3.connect(server.sqlite_path)
-        with db:
-            changed = db.execute(
-                "UPDATE prosody SET value=? WHERE host='localhost' AND store='invites' AND user=? AND key='record'",
-                (garbage, key),
-            ).rowcount
-        db.close()
+        changed = server.sql_query(
+            """UPDATE prosody SET "value"=? WHERE host='localhost' AND store='invites' AND "user"=? AND "key"='record'""",
+            garbage, key,
+        ).rowcount
         assert changed == 1
     return key[-10:]
 
