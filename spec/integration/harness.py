@@ -622,6 +622,19 @@ def _copy_escape(needle: bytes) -> bytes:
             .replace(b"\t", b"\\t"))
 
 
+_PROSODY_MAJOR = None
+
+
+def prosody_major_version() -> int:
+    """Major version of the Prosody under test (0 for 0.12, 13 for 13.x), asked once."""
+    global _PROSODY_MAJOR
+    if _PROSODY_MAJOR is None:
+        out = subprocess.run([PROSODYCTL, "about"], capture_output=True, text=True, timeout=60).stdout
+        m = re.search(r"^Prosody (\d+)\.", out, re.M)
+        _PROSODY_MAJOR = int(m.group(1)) if m else 0
+    return _PROSODY_MAJOR
+
+
 class ProsodyServer:
     """One Prosody process with its own config, data dir and c2s port.
 
