@@ -30,7 +30,7 @@ PROSODY13 := $(BUILD)/prosody13
 # Lua versions the boundary specs run on (each with its own build of the core).
 LUA_MATRIX := 5.1 5.2 5.3 5.4 jit
 
-.PHONY: all build install deps test test-rust test-busted test-lua-versions test-integration test-prosody13 bench-core lint run clean
+.PHONY: all build install deps test test-rust test-busted test-lua-versions test-integration test-prosody13 bench bench-quick bench-core lint run clean
 
 all: build
 
@@ -78,6 +78,14 @@ $(PROSODY13)/bin/prosody:
 test-prosody13: $(PROSODY13)/bin/prosody
 	PROSODY_BIN=$(CURDIR)/$(PROSODY13)/bin/prosody PROSODYCTL_BIN=$(CURDIR)/$(PROSODY13)/bin/prosodyctl \
 		python3 -m pytest -q spec/integration
+
+# Ours vs Prosody's own store in a real Prosody, N up to 100,000 (about 40 min; see bench/README.md).
+bench: deps build
+	python3 bench/run.py
+
+# The same up to N = 10,000 (about 2 min).
+bench-quick: deps build
+	python3 bench/run.py --quick
 
 # CPU per operation of the Rust core alone (in-memory storage).
 bench-core:

@@ -489,11 +489,11 @@ function revoke_by_ref(ref) --luacheck: ignore 131/revoke_by_ref
 	return invite;
 end
 
-function create_for_command(options) --luacheck: ignore 131/create_for_command
+function create_for_command(options, username) --luacheck: ignore 131/create_for_command
 	if options.reset then
 		return create_account_reset(options.reset, options.ttl);
 	end
-	return create_account(nil, {
+	return create_account(username, {
 		roles = options.roles;
 		groups = options.groups[1] and options.groups or nil;
 	}, options.ttl, options.uses);
@@ -646,11 +646,7 @@ if has_shell_items then
 		function (self, user_jid, opts)
 			local options, err = check_generate_options(opts or {});
 			if not options then return nil, err; end
-			local username = jid_split(user_jid);
-			local invite, create_err = create_account(username, {
-				roles = options.roles;
-				groups = options.groups[1] and options.groups or nil;
-			}, options.ttl, options.uses);
+			local invite, create_err = create_for_command(options, (jid_split(user_jid)));
 			if not invite then return nil, create_err; end
 			return true, invite.landing_page or invite.uri;
 		end);
