@@ -253,15 +253,28 @@ class Browser:
 
     def fill_and_submit(self, fields: dict[str, str], submit_css: str = "form button[type=submit]"):
         """Type into the named inputs and click submit; waits until the old page is gone."""
-        from selenium.webdriver.support import expected_conditions as EC
-
         for name, value in fields.items():
             el = self.driver.find_element("name", name)
             el.clear()
             el.send_keys(value)
-        old_html = self.driver.find_element("tag name", "html")
+        # Mark the current document; a freshly loaded page does not carry the mark. (Selenium's
+        # staleness_of races with the navigation: Chromium may answer "node does not belong to
+        # the document" instead of "stale element", which staleness_of does not catch.)
+        self.driver.execute_script("window.__invites_old_page = true;")
         self.driver.find_element("css selector", submit_css).click()
-        self.wait(EC.staleness_of(old_html), "the form submission to load a new page")
+        self.wait(self._new_document_loaded, "the form submission to load a new page")
+
+    def _new_document_loaded(self, driver) -> bool:
+        from selenium.common.exceptions import WebDriverException
+
+        try:
+            return bool(
+                driver.execute_script(
+                    "return window.__invites_old_page === undefined && document.readyState === 'complete';"
+                )
+            )
+        except WebDriverException:  # page being replaced
+            return False
 
     # -- tabs
 
