@@ -72,6 +72,7 @@ METRICS = {
     "e2e_iq_register": ("  ... jabber:iq:register round trip", "ms"),
     "fill_per_invite": ("fill: create_account per invite (mean)", "us"),
     "list_rss": ("  ... process RSS growth during iteration", "MiB"),
+    "fs_probe": ("env: create an empty file (reference)", "us"),
     "rss_peak": ("Prosody peak RSS so far (VmHWM)", "MiB"),
     "lua_mem": ("Prosody Lua heap after step", "MiB"),
     "disk_bytes": ("bytes on disk (apparent size)", "MB"),
@@ -80,7 +81,7 @@ METRICS = {
 TABLE_ORDER = (
     "create_account", "get_valid", "get_unknown", "redeem", "delete_account_invite", "create_contact",
     "list_total", "list_per_item", "list_mem", "list_rss", "e2e_register", "e2e_preauth", "e2e_iq_register",
-    "fill_per_invite",
+    "fill_per_invite", "fs_probe",
     "rss_peak", "lua_mem", "disk_bytes", "disk_alloc",
 )
 PER_TOKEN = set(OPS)  # targets: ours at max N within 2x of N=0, etc.
@@ -127,26 +128,33 @@ def wait_disk_idle(quiet: float = 2.0, max_wait: float = 90.0) -> float:
     return time.monotonic() - t0
 
 
+_probe_dir: Path | None = None
+_probe_count = 0
+
+
 def file_create_us(n: int = 50) -> float:
-    """Median time to create an empty file in the temp dir's filesystem (microseconds)."""
-    d = Path(tempfile.mkdtemp(prefix="bench-fsprobe-"))
+    """Median time to create an empty file in the temp dir's filesystem (microseconds).
+    The files are kept until the end of the run: deleting them would itself slow creation."""
+    global _probe_dir, _probe_count
+    if _probe_dir is None:
+        _probe_dir = Path(tempfile.mkdtemp(prefix="bench-fsprobe-"))
+        LEFTOVER_DIRS.append(_probe_dir)
     ts = []
-    try:
-        for i in range(n):
-            t0 = time.perf_counter()
-            os.close(os.open(d / f"p{i}", os.O_CREAT | os.O_WRONLY, 0o644))
-            ts.append((time.perf_counter() - t0) * 1e6)
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
+    for _ in range(n):
+        _probe_count += 1
+        t0 = time.perf_counter()
+        os.close(os.open(_probe_dir / f"p{_probe_count}", os.O_CREAT | os.O_WRONLY, 0o644))
+        ts.append((time.perf_counter() - t0) * 1e6)
     return statistics.median(ts)
 
 
 def wait_fs_fast(threshold_us: float, max_wait: float = 300.0) -> tuple[float, float]:
     """Wait until creating a file is fast again (three probes in a row under threshold_us).
 
-    Seen on this VM's ext4 (mounted with discard): for a minute or more after many files were
-    deleted (e.g. the previous run's 100k-file data dir), creating a file costs ~1 ms instead
-    of ~0.1 ms, without any visible disk activity. Returns (seconds waited, last probe us)."""
+    Seen on this VM: after heavy file I/O (e.g. deleting the previous run's 100k-file data
+    dir), creating a file costs ~1 ms instead of 0.02-0.1 ms for a minute or more, without
+    visible disk activity (it looks like a throttled virtual disk catching up). Measuring
+    then would time the VM, not the code. Returns (seconds waited, last probe us)."""
     t0 = time.monotonic()
     good = 0
     probe = file_create_us()
@@ -154,7 +162,8 @@ def wait_fs_fast(threshold_us: float, max_wait: float = 300.0) -> tuple[float, f
         good = good + 1 if probe < threshold_us else 0
         if good >= 3:
             break
-        time.sleep(2)
+        if not good:
+            time.sleep(2)
         probe = file_create_us()
     return time.monotonic() - t0, probe
 
@@ -394,7 +403,12 @@ async def run_config(cfg: Config, args) -> None:
             fill_wall = time.monotonic() - fill_t0
             # Write back what the fill left dirty and wait for the disk to go quiet (untimed),
             # so the measurements below do not share it with the flush of up to 100k files.
-            await asyncio.get_running_loop().run_in_executor(None, wait_disk_idle)
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(None, wait_disk_idle)
+            if args.fs_settle_us > 0:
+                fs_waited, probe = await loop.run_in_executor(None, wait_fs_fast, args.fs_settle_us)
+                if fs_waited > 5:
+                    log(f"    (waited {fs_waited:.0f} s for file creation to be fast again: {probe:.0f} us)")
             res: dict = {}
             if created:
                 res["fill_per_invite"] = Stat.single(fill_server_s / created * 1e6, f"{created} created in {fill_wall:.1f} s")
@@ -425,6 +439,7 @@ async def run_config(cfg: Config, args) -> None:
 
             # ---- per-token ops, in rounds that interleave the operations, so a slow spell
             # of the (virtual) disk does not land on one operation only
+            probes = [await asyncio.get_running_loop().run_in_executor(None, file_create_us)]
             samples: dict[str, list[float]] = {k: [] for _, names in MEASURES for k in names}
             spent = {what: 0.0 for what, _ in MEASURES}
             for rnd in range(args.rounds):
@@ -439,6 +454,8 @@ async def run_config(cfg: Config, args) -> None:
                         calls += 1
                         for k in names:
                             samples[k].extend(r["samples"][k])
+            probes.append(await asyncio.get_running_loop().run_in_executor(None, file_create_us))
+            res["fs_probe"] = Stat.of(probes, "before/after: " + " / ".join(f"{p:.0f}" for p in probes))
             for k, xs in samples.items():
                 note = "" if len(xs) >= args.samples else f"only {len(xs)} samples within {args.op_budget:.0f} s"
                 res[k] = Stat.of(xs, note)
