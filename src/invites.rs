@@ -124,14 +124,15 @@ impl<B: Backend> Invites<B> {
     }
 
     /// Settles reservations a crash left behind (see `InviteRecord::settle_lapsed`).
+    /// Returns whether the record changed.
     fn settle(
         &self,
         record: &mut InviteRecord,
         now: i64,
         except_holder: Option<&str>,
-    ) -> Result<(), InviteError> {
+    ) -> Result<bool, InviteError> {
         let mut failure = None;
-        record.settle_lapsed(now, except_holder, &mut |username| {
+        let changed = record.settle_lapsed(now, except_holder, &mut |username| {
             match self.backend.account_exists(username) {
                 Ok(exists) => exists,
                 Err(e) => {
@@ -143,7 +144,7 @@ impl<B: Backend> Invites<B> {
         });
         match failure {
             Some(e) => Err(self.storage_failed("check the accounts of", "-", &e)),
-            None => Ok(()),
+            None => Ok(changed),
         }
     }
 
@@ -205,7 +206,11 @@ impl<B: Backend> Invites<B> {
         now: i64,
     ) -> Result<Found, InviteError> {
         let mut found = self.find(token)?;
-        self.settle(&mut found.record, now, None)?;
+        if self.settle(&mut found.record, now, None)? {
+            // Written so listings show it too; if that fails (logged), checking goes on
+            // from the settled copy: a read must not fail for want of a write.
+            let _ = self.save(&found.key, &found.record);
+        }
         let r = &found.record;
         match contact_of {
             Some(user) => {
@@ -361,13 +366,17 @@ impl<B: Backend> Invites<B> {
         Ok(false)
     }
 
-    /// The record stored under `key`, for listings. Corrupt records are logged and skipped.
-    pub fn listed(&self, key: &str) -> Result<Option<InviteRecord>, InviteError> {
+    /// The record stored under `key`, for listings, with reservations a crash left behind
+    /// settled (in the copy only). Corrupt records are logged and skipped.
+    pub fn listed(&self, key: &str, now: i64) -> Result<Option<InviteRecord>, InviteError> {
         if crate::token::TokenHash::from_key(key).is_none() {
             return Ok(None);
         }
         match self.load(key) {
-            Ok(record) => Ok(Some(record)),
+            Ok(mut record) => {
+                self.settle(&mut record, now, None)?;
+                Ok(Some(record))
+            }
             Err(InviteError::TokenInvalid) => Ok(None),
             Err(e) => Err(e),
         }
@@ -719,7 +728,7 @@ mod tests {
             Some(InviteError::TokenRevoked)
         );
         assert!(!b.username_reserved("alice", 1003, None).unwrap());
-        let r = b.listed(&c.key).unwrap().unwrap();
+        let r = b.listed(&c.key, 1003).unwrap().unwrap();
         assert_eq!(r.status(1003), Status::Revoked);
     }
 
@@ -968,12 +977,38 @@ mod tests {
     }
 
     #[test]
+    fn a_use_a_crash_left_held_shows_as_spent_in_listings_and_is_written_back() {
+        let b = book();
+        let c = b.create(account(None), 1000).unwrap();
+        let t = c.token.expose();
+        let mut held = claim("A", "alice", 1001);
+        held.lease_until = 1010;
+        b.reserve(t, &held, 1001).unwrap();
+        // The server died after creating alice, before confirming.
+        b.backend()
+            .accounts
+            .borrow_mut()
+            .insert(String::from("alice"));
+
+        let listed = b.listed(&c.key, 1011).unwrap().unwrap();
+        assert_eq!(listed.status(1011), Status::Used);
+        assert_eq!(
+            b.validate(t, None, 1011).err(),
+            Some(InviteError::TokenUsed)
+        );
+        // validate wrote the settled record: it reads as used with no accounts to ask.
+        b.backend().accounts.borrow_mut().clear();
+        let stored = b.listed(&c.key, 1012).unwrap().unwrap();
+        assert_eq!(stored.status(1012), Status::Used);
+    }
+
+    #[test]
     fn listed_skips_foreign_and_corrupt_entries() {
         let b = book();
         let c = b.create(account(None), 1000).unwrap();
-        assert!(b.listed(&c.key).unwrap().is_some());
-        assert!(b.listed("not-a-key").unwrap().is_none());
+        assert!(b.listed(&c.key, 1000).unwrap().is_some());
+        assert!(b.listed("not-a-key", 1000).unwrap().is_none());
         b.backend().set_raw(Space::Invites, &c.key, "[]");
-        assert!(b.listed(&c.key).unwrap().is_none());
+        assert!(b.listed(&c.key, 1000).unwrap().is_none());
     }
 }

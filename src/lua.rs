@@ -279,14 +279,21 @@ fn with_token(lua: &Lua, found: &Found, token: &Token, now: i64) -> mlua::Result
     Ok(t)
 }
 
-/// Runs a method body so that a Rust panic becomes `nil, "internal-server-error"`.
-fn guarded<F>(lua: &Lua, body: F) -> mlua::Result<MultiValue>
+/// Runs a method body so that a Rust panic becomes `nil, "internal-server-error"` and one
+/// error line in the log (naming the method only: a panic message could carry anything).
+fn guarded<F>(lua: &Lua, book: &Book, method: &str, body: F) -> mlua::Result<MultiValue>
 where
     F: FnOnce() -> mlua::Result<MultiValue>,
 {
     match catch_unwind(AssertUnwindSafe(body)) {
         Ok(result) => result,
-        Err(_) => failure(lua, InviteError::Storage),
+        Err(_) => {
+            book.0.backend().log(
+                Level::Error,
+                &format!("internal error in the invite core ({method}); the request was refused"),
+            );
+            failure(lua, InviteError::Storage)
+        }
     }
 }
 
@@ -355,7 +362,7 @@ impl UserData for Book {
                     reset: opt_field_string(&spec, "reset", "create")?,
                     inviter: opt_field_string(&spec, "inviter", "create")?,
                 };
-            guarded(lua, || match this.0.create(new, now) {
+            guarded(lua, this, "create", || match this.0.create(new, now) {
                 Ok(created) => {
                     let found = Found {
                         key: created.key.clone(),
@@ -373,7 +380,7 @@ impl UserData for Book {
                 let token = token_or_fail!(lua, token, 1, "get");
                 let contact_of = opt_string(contact_of, 2, "get")?;
                 let now = integer(&now, 3, "get")?;
-                guarded(lua, || {
+                guarded(lua, this, "get", || {
                     match this.0.validate(&token, contact_of.as_deref(), now) {
                         Ok(found) => {
                             let token = match Token::parse(&token) {
@@ -412,9 +419,13 @@ impl UserData for Book {
                     validated_at,
                     lease_until,
                 };
-                guarded(lua, || match this.0.reserve(&token, &claim, now) {
-                    Ok(found) => success(lua, invite_table(lua, &found.key, &found.record, now)?),
-                    Err(e) => failure(lua, e),
+                guarded(lua, this, "reserve", || {
+                    match this.0.reserve(&token, &claim, now) {
+                        Ok(found) => {
+                            success(lua, invite_table(lua, &found.key, &found.record, now)?)
+                        }
+                        Err(e) => failure(lua, e),
+                    }
                 })
             },
         );
@@ -425,9 +436,13 @@ impl UserData for Book {
                 let token = token_or_fail!(lua, token, 1, "confirm");
                 let holder = string(holder, 2, "confirm")?;
                 let now = integer(&now, 3, "confirm")?;
-                guarded(lua, || match this.0.confirm(&token, &holder, now) {
-                    Ok(found) => success(lua, invite_table(lua, &found.key, &found.record, now)?),
-                    Err(e) => failure(lua, e),
+                guarded(lua, this, "confirm", || {
+                    match this.0.confirm(&token, &holder, now) {
+                        Ok(found) => {
+                            success(lua, invite_table(lua, &found.key, &found.record, now)?)
+                        }
+                        Err(e) => failure(lua, e),
+                    }
                 })
             },
         );
@@ -435,9 +450,11 @@ impl UserData for Book {
         methods.add_method("release", |lua, this, (token, holder): (Value, Value)| {
             let token = token_or_fail!(lua, token, 1, "release");
             let holder = string(holder, 2, "release")?;
-            guarded(lua, || match this.0.release(&token, &holder) {
-                Ok(released) => success(lua, released),
-                Err(e) => failure(lua, e),
+            guarded(lua, this, "release", || {
+                match this.0.release(&token, &holder) {
+                    Ok(released) => success(lua, released),
+                    Err(e) => failure(lua, e),
+                }
             })
         });
 
@@ -447,7 +464,7 @@ impl UserData for Book {
                 let token = token_or_fail!(lua, token, 1, "use");
                 let contact_of = opt_string(contact_of, 2, "use")?;
                 let now = integer(&now, 3, "use")?;
-                guarded(lua, || {
+                guarded(lua, this, "use", || {
                     match this.0.consume(&token, contact_of.as_deref(), now) {
                         Ok(found) => {
                             success(lua, invite_table(lua, &found.key, &found.record, now)?)
@@ -461,7 +478,7 @@ impl UserData for Book {
         methods.add_method("revoke", |lua, this, (token, now): (Value, Value)| {
             let token = token_or_fail!(lua, token, 1, "revoke");
             let now = integer(&now, 2, "revoke")?;
-            guarded(lua, || match this.0.revoke(&token, now) {
+            guarded(lua, this, "revoke", || match this.0.revoke(&token, now) {
                 Ok(found) => success(lua, invite_table(lua, &found.key, &found.record, now)?),
                 Err(e) => failure(lua, e),
             })
@@ -470,9 +487,11 @@ impl UserData for Book {
         methods.add_method("revoke_key", |lua, this, (key, now): (Value, Value)| {
             let key = string(key, 1, "revoke_key")?;
             let now = integer(&now, 2, "revoke_key")?;
-            guarded(lua, || match this.0.revoke_key(&key, now) {
-                Ok(found) => success(lua, invite_table(lua, &found.key, &found.record, now)?),
-                Err(e) => failure(lua, e),
+            guarded(lua, this, "revoke_key", || {
+                match this.0.revoke_key(&key, now) {
+                    Ok(found) => success(lua, invite_table(lua, &found.key, &found.record, now)?),
+                    Err(e) => failure(lua, e),
+                }
             })
         });
 
@@ -482,7 +501,7 @@ impl UserData for Book {
                 let key = string(key, 1, "prune")?;
                 let now = integer(&now, 2, "prune")?;
                 let keep = integer(&keep, 3, "prune")?;
-                guarded(lua, || match this.0.prune(&key, now, keep) {
+                guarded(lua, this, "prune", || match this.0.prune(&key, now, keep) {
                     Ok(removed) => success(lua, removed),
                     Err(e) => failure(lua, e),
                 })
@@ -494,7 +513,7 @@ impl UserData for Book {
             |lua, this, (username, now): (Value, Value)| {
                 let username = string(username, 1, "username_reserved")?;
                 let now = integer(&now, 2, "username_reserved")?;
-                guarded(lua, || {
+                guarded(lua, this, "username_reserved", || {
                     match this.0.username_reserved(&username, now, None) {
                         Ok(reserved) => success(lua, reserved),
                         Err(e) => failure(lua, e),
@@ -506,7 +525,7 @@ impl UserData for Book {
         methods.add_method("listed", |lua, this, (key, now): (Value, Value)| {
             let key = string(key, 1, "listed")?;
             let now = integer(&now, 2, "listed")?;
-            guarded(lua, || match this.0.listed(&key) {
+            guarded(lua, this, "listed", || match this.0.listed(&key, now) {
                 Ok(Some(record)) => success(lua, invite_table(lua, &key, &record, now)?),
                 Ok(None) => success(lua, Value::Nil),
                 Err(e) => failure(lua, e),
@@ -538,9 +557,11 @@ impl UserData for Book {
                     reusable: opt_field_bool(&legacy, "reusable", m)?,
                     contact_of,
                 };
-                guarded(lua, || match this.0.import_legacy(&token, legacy, now) {
-                    Ok(imported) => success(lua, imported),
-                    Err(e) => failure(lua, e),
+                guarded(lua, this, "import_legacy", || {
+                    match this.0.import_legacy(&token, legacy, now) {
+                        Ok(imported) => success(lua, imported),
+                        Err(e) => failure(lua, e),
+                    }
                 })
             },
         );
@@ -652,4 +673,88 @@ pub fn exports(lua: &Lua) -> mlua::Result<Table> {
         })?,
     )?;
     Ok(exports)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Builds a book over an in-Lua store whose `get` calls `broken_get` (a Rust function
+    /// that panics) while the global `broken` is true.
+    fn book_with_breakable_store(lua: &Lua) -> mlua::Result<()> {
+        lua.globals().set("core", exports(lua)?)?;
+        let broken_get =
+            lua.create_function(|_, ()| -> mlua::Result<()> { panic!("a bug in a driver") })?;
+        lua.globals().set("broken_get", broken_get)?;
+        lua.load(
+            r#"
+            lines = {}
+            local function memory()
+                local data = {}
+                return {
+                    get = function (_, owner)
+                        if broken then return broken_get() end
+                        return data[owner]
+                    end;
+                    set = function (_, owner, value) data[owner] = value; return true end;
+                }
+            end
+            book = core.new({ invites = memory(), names = memory(),
+                log = function (level, message) lines[#lines + 1] = level .. ": " .. message end })
+            invite = assert(book:create({ type = "register", jid = "example.com",
+                allow_registration = true, ttl = 3600 }, 1700000000))
+            "#,
+        )
+        .exec()
+    }
+
+    #[test]
+    fn a_panic_under_a_method_is_one_error_line_and_nil_internal_server_error() -> mlua::Result<()>
+    {
+        let lua = Lua::new();
+        book_with_breakable_store(&lua)?;
+        let (got, err, lines, token): (Value, String, Vec<String>, String) = lua
+            .load(
+                r#"
+                broken = true
+                lines = {}
+                local got, err = book:get(invite.token, nil, 1700000001)
+                return got, err, lines, invite.token
+                "#,
+            )
+            .eval()?;
+        assert!(got.is_nil());
+        assert_eq!(err, "internal-server-error");
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert!(lines[0].starts_with("error: "), "{lines:?}");
+        assert!(!lines[0].contains(&token));
+
+        // The same book, in the same Lua state, works again once the store does.
+        let status: String = lua
+            .load("broken = false; return assert(book:get(invite.token, nil, 1700000001)).status")
+            .eval()?;
+        assert_eq!(status, "pending");
+        Ok(())
+    }
+
+    #[test]
+    fn a_panic_while_reserving_holds_no_use() -> mlua::Result<()> {
+        let lua = Lua::new();
+        book_with_breakable_store(&lua)?;
+        let (err, uses_left): (String, Value) = lua
+            .load(
+                r#"
+                broken = true
+                local _, err = book:reserve(invite.token, { holder = "h1", username = "alice",
+                    account_exists = false, validated_at = 1700000001, lease_until = 1700000121 },
+                    1700000001)
+                broken = false
+                return err, assert(book:get(invite.token, nil, 1700000002)).uses_left
+                "#,
+            )
+            .eval()?;
+        assert_eq!(err, "internal-server-error");
+        assert_eq!(uses_left, Value::Integer(1));
+        Ok(())
+    }
 }

@@ -45,8 +45,9 @@ local retention = period_option("invite_retention", 7 * 86400);
 local prune_interval = period_option("invite_prune_interval", 3600);
 
 -- How long a registration may take between user-registering and user-registered before
--- the use it holds is given back (it is given back at once when registration fails).
-local reservation_lease = 120;
+-- the use it holds is given back (it is given back at once when registration fails). Only
+-- a server that died mid-registration leaves a reservation to lapse.
+local reservation_lease = period_option("invite_reservation_lease", 120);
 
 local book;
 local invite_store;

@@ -129,7 +129,9 @@ module:hook("stanza/iq/"..xmlns_pars..":preauth", function(event)
 	end
 	if not validated_invite then
 		origin.log("debug", "Preauth refused: %s", err);
-		throttle:failed(ip, now);
+		if err ~= "internal-server-error" then -- a storage fault is not a guess
+			throttle:failed(ip, now);
+		end
 		count_rejection(err);
 		origin.send(error_reply(stanza, err));
 		return true;
