@@ -85,6 +85,7 @@ local valid_invite_mt = { __index = valid_invite_methods };
 local validated_at = setmetatable({}, { __mode = "k" }); -- when it was checked
 local contact_of = setmetatable({}, { __mode = "k" }); -- inviter, for XEP-0379 use
 local holders = setmetatable({}, { __mode = "k" }); -- reservation of a registration in flight
+local new_account_of = setmetatable({}, { __mode = "k" }); -- the name it is for, if not taken then
 local spent = setmetatable({}, { __mode = "k" }); -- already registered an account
 
 -- Metrics exist in the server only; prosodyctl has no statistics to report them to.
@@ -221,10 +222,11 @@ function valid_invite_methods:reserve(username)
 	end
 	local holder = holders[self] or id.short();
 	local now = os.time();
+	local account_exists = usermanager.user_exists(username, module.host);
 	local reserved, err = get_book():reserve(self.token, {
 		holder = holder;
 		username = username;
-		account_exists = usermanager.user_exists(username, module.host);
+		account_exists = account_exists;
 		validated_at = validated_at[self] or now;
 		lease_until = now + reservation_lease;
 	}, now);
@@ -232,6 +234,7 @@ function valid_invite_methods:reserve(username)
 		return nil, err;
 	end
 	holders[self] = holder;
+	new_account_of[self] = not account_exists and username or nil;
 	return true;
 end
 
@@ -250,11 +253,18 @@ function valid_invite_methods:confirm(account)
 	return true;
 end
 
--- Registration failed between the two steps: give the held use back.
+-- Registration failed between the two steps: give the held use back. Unless the account
+-- exists after all: Prosody 13 creates it before setting its password and does not remove
+-- it when that fails, so the use counts as spent.
 function valid_invite_methods:release()
 	local holder = holders[self];
 	if not holder then
 		return true;
+	end
+	local username = new_account_of[self];
+	if username and usermanager.user_exists(username, module.host) then
+		module:log("warn", "Registration of %s failed after its account was created; invite %s counts it", username, self.id);
+		return self:confirm(username.."@"..module.host);
 	end
 	holders[self] = nil;
 	return get_book():release(self.token, holder);

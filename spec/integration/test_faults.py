@@ -170,6 +170,24 @@ async def test_registration_whose_account_cannot_be_written_gives_the_use_back(f
     assert refusal(await registers(server, token, "carol")) == USED_TEXT
 
 
+async def test_account_left_without_password_counts_against_the_invite(faulty_server, faults):
+    """Prosody 13 creates the account, then sets its password; when that write fails it
+    answers with an error but keeps the account. The invite counts it: one use, one account."""
+    server = faulty_server
+    if harness.prosody_major_version() < 13:
+        pytest.skip("Prosody 0.12 writes the account and its password at once")
+    token = token_of(server.generate_invite())
+    faults.set(fail("accounts", "set", skip=1, times=1))  # the account passes, its password fails
+    result = await registers(server, token, "alice")
+    faults.clear()
+    assert not result.ok and result.register.error.text, result
+    assert not await account_exists(server, "alice")
+    assert len([ln for ln in problem_lines(server) if "invite" in ln and "counts it" in ln]) == 1
+
+    assert refusal(await registers(server, token, "bob")) == USED_TEXT
+    assert not await account_exists(server, "bob")
+
+
 @pytest.mark.server_options(options={"invite_reservation_lease": 2})
 async def test_confirmation_that_cannot_be_written_still_never_grants_twice(faulty_server, faults):
     """The account exists but marking the use spent fails: the use stays held, and once the
