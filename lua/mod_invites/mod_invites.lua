@@ -98,8 +98,7 @@ local function create_invite(spec)
 	spec.ttl = math.floor(spec.ttl or default_ttl);
 	local invite, err = get_book():create(spec, os.time());
 	if not invite then
-		module:log("warn", "Failed to store %s invite: %s", spec.type, err);
-		return nil, err;
+		return nil, err; -- the core has logged what failed
 	end
 	created_metric:with_labels(spec.type):add(1);
 	module:fire_event("invite-created", invite);
@@ -492,11 +491,19 @@ function show_lines(ref) --luacheck: ignore 131/show_lines
 	return lines;
 end
 
+-- Error names as an admin reads them at the command line.
+local function for_admin(err)
+	if err == "internal-server-error" then
+		return "the invite store failed (the error is logged)";
+	end
+	return tostring(err);
+end
+
 function revoke_by_ref(ref) --luacheck: ignore 131/revoke_by_ref
 	local key, err = resolve(ref);
 	if not key then return nil, err; end
 	local invite, revoke_err = get_book():revoke_key(key, os.time());
-	if not invite then return nil, "Could not revoke: "..revoke_err; end
+	if not invite then return nil, "Could not revoke: "..for_admin(revoke_err); end
 	return invite;
 end
 
@@ -580,7 +587,7 @@ if not has_shell_items then
 		local mod_invites, err = host_invites(host);
 		if not mod_invites then return nil, err; end
 		local invite, create_err = mod_invites.create_account(username);
-		if not invite then return nil, create_err; end
+		if not invite then return nil, "Could not create the invite: "..for_admin(create_err); end
 		return true, invite.landing_page or invite.uri;
 	end
 
@@ -589,7 +596,7 @@ if not has_shell_items then
 		local mod_invites, err = host_invites(host);
 		if not mod_invites then return nil, err; end
 		local invite, create_err = mod_invites.create_contact(username, allow_registration);
-		if not invite then return nil, create_err; end
+		if not invite then return nil, "Could not create the invite: "..for_admin(create_err); end
 		return true, invite.landing_page or invite.uri;
 	end
 
@@ -658,7 +665,7 @@ if has_shell_items then
 			local options, err = check_generate_options(opts or {});
 			if not options then return nil, err; end
 			local invite, create_err = create_for_command(options, (jid_split(user_jid)));
-			if not invite then return nil, create_err; end
+			if not invite then return nil, "Could not create the invite: "..for_admin(create_err); end
 			return true, invite.landing_page or invite.uri;
 		end);
 
@@ -671,7 +678,7 @@ if has_shell_items then
 			local options, err = check_generate_options({ reset = username, expires_after = opts and opts.expires_after });
 			if not options then return nil, err; end
 			local invite, create_err = create_account_reset(options.reset, options.ttl);
-			if not invite then return nil, create_err; end
+			if not invite then return nil, "Could not create the invite: "..for_admin(create_err); end
 			return true, invite.landing_page or invite.uri;
 		end);
 
@@ -684,7 +691,7 @@ if has_shell_items then
 			local options, err = check_generate_options({ expires_after = opts and opts.expires_after });
 			if not options then return nil, err; end
 			local invite, create_err = create_contact(username, opts and opts.allow_registration, nil, options.ttl);
-			if not invite then return nil, create_err; end
+			if not invite then return nil, "Could not create the invite: "..for_admin(create_err); end
 			return true, invite.landing_page or invite.uri;
 		end);
 
@@ -781,7 +788,7 @@ function commands.generate(invites, arg)
 	if not options then print(err); return 2; end
 	local invite, create_err = invites.create_for_command(options);
 	if not invite then
-		print("Could not create the invite: "..tostring(create_err));
+		print("Could not create the invite: "..for_admin(create_err));
 		return 1;
 	end
 	print(invite.landing_page or invite.uri);
