@@ -30,7 +30,7 @@ PROSODY13 := $(BUILD)/prosody13
 # Lua versions the boundary specs run on (each with its own build of the core).
 LUA_MATRIX := 5.1 5.2 5.3 5.4 jit
 
-.PHONY: all build install deps test test-rust test-busted test-lua-versions test-integration test-prosody13 bench bench-quick bench-core lint run clean
+.PHONY: all build install deps test test-rust test-busted test-lua-versions test-integration test-prosody13 bench bench-quick bench-core lint run clean load load-prosody13
 
 all: build
 
@@ -39,12 +39,14 @@ build:
 	mkdir -p $(PLUGINS)/mod_invites $(PLUGINS)/mod_invites_register
 	cp lua/mod_invites/mod_invites.lua $(PLUGINS)/mod_invites/
 	cp lua/mod_invites_register/mod_invites_register.lua $(PLUGINS)/mod_invites_register/
-	cp $(CORE) $(PLUGINS)/mod_invites/prosody_invites.so
+	# install writes a new file: overwriting a loaded shared library in place crashes the
+	# Prosody that has it mapped (a live server during an upgrade, a test server here).
+	install -m 0755 $(CORE) $(PLUGINS)/mod_invites/prosody_invites.so
 
 install: build
 	@test -n "$(PLUGIN_DIR)" || { echo "usage: make install PLUGIN_DIR=/path/in/plugin_paths"; exit 2; }
 	mkdir -p "$(PLUGIN_DIR)"
-	cp -R $(PLUGINS)/. "$(PLUGIN_DIR)/"
+	cp -R --remove-destination $(PLUGINS)/. "$(PLUGIN_DIR)/"
 
 deps:
 	sh .ci/deps
@@ -98,3 +100,13 @@ lint:
 clean:
 	rm -rf $(BUILD)
 	cargo clean
+
+# Load: 200 clients race for 20 invites x 5 uses plus 50 invalid tokens (spec/load/load.py);
+# prints registrations/s and latency, fails on any broken invariant. LOAD_ARGS to resize.
+LOAD_ARGS ?=
+load: deps build
+	python3 spec/load/load.py $(LOAD_ARGS)
+
+load-prosody13: deps build $(PROSODY13)/bin/prosody
+	PROSODY_BIN=$(CURDIR)/$(PROSODY13)/bin/prosody PROSODYCTL_BIN=$(CURDIR)/$(PROSODY13)/bin/prosodyctl \
+		python3 spec/load/load.py $(LOAD_ARGS)

@@ -891,11 +891,12 @@ class ProsodyServer:
                     self.proc.send_signal(signal.SIGTERM)
                 except ProcessLookupError:
                     pass
+                proc = self.proc
                 try:
-                    rc = self.proc.wait(timeout=self.stop_timeout)
+                    rc = proc.wait(timeout=self.stop_timeout)
                 except subprocess.TimeoutExpired:
                     self._kill()
-                    rc = self.proc.returncode
+                    rc = proc.returncode
             else:
                 rc = self.proc.returncode
             self.proc = None
@@ -961,20 +962,31 @@ class ProsodyServer:
     # -------------------------------------------------------------- prosodyctl
 
     def prosodyctl(self, *args: str, timeout: float = 30.0, input: str | None = None) -> tuple[int, str, str]:
-        """Run ``prosodyctl --config <cfg> ARGS``; returns (rc, stdout, stderr)."""
+        """Run ``prosodyctl --config <cfg> ARGS``; returns (rc, stdout, stderr).
+
+        On SQLite, a command that failed only because the running server held the database
+        ("database is locked": Prosody sets no SQLite busy timeout, and Prosody 13's periodic
+        tasks write about a second after start) is run again, up to 5 times. Nothing was
+        written by the failed run: its transaction did not happen.
+        """
         if not self.config_path.exists():
             self.write_config()
         env = dict(os.environ)
         env.pop("PROSODY_CONFIG", None)
-        p = subprocess.run(
-            [PROSODYCTL, "--config", str(self.config_path), *map(str, args)],
-            input=input if input is not None else "",
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            cwd=str(self.dir),
-            env=env,
-        )
+        for attempt in range(5):
+            p = subprocess.run(
+                [PROSODYCTL, "--config", str(self.config_path), *map(str, args)],
+                input=input if input is not None else "",
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                cwd=str(self.dir),
+                env=env,
+            )
+            locked = self.storage == "sql" and "database is locked" in p.stdout + p.stderr
+            if p.returncode == 0 or not locked:
+                break
+            time.sleep(0.2 * (attempt + 1))  # no event to wait for: the lock is the server's
         return p.returncode, p.stdout, p.stderr
 
     def generate_invite(self, *flags: str) -> str:
