@@ -30,7 +30,7 @@ PROSODY13 := $(BUILD)/prosody13
 # Lua versions the boundary specs run on (each with its own build of the core).
 LUA_MATRIX := 5.1 5.2 5.3 5.4 jit
 
-.PHONY: all build install deps test test-rust test-busted test-lua-versions test-integration test-prosody13 bench bench-quick bench-core lint run clean load load-prosody13
+.PHONY: all build install deps test test-rust test-busted test-lua-versions test-integration test-prosody13 bench bench-quick bench-core lint run clean load load-prosody13 fuzz fuzz-smoke
 
 all: build
 
@@ -98,7 +98,7 @@ lint:
 	cargo clippy --features lua54 --all-targets -- -D warnings
 
 clean:
-	rm -rf $(BUILD)
+	rm -rf $(BUILD) fuzz/target fuzz/artifacts
 	cargo clean
 
 # Load: 200 clients race for 20 invites x 5 uses plus 50 invalid tokens (spec/load/load.py);
@@ -110,3 +110,12 @@ load: deps build
 load-prosody13: deps build $(PROSODY13)/bin/prosody
 	PROSODY_BIN=$(CURDIR)/$(PROSODY13)/bin/prosody PROSODYCTL_BIN=$(CURDIR)/$(PROSODY13)/bin/prosodyctl \
 		python3 spec/load/load.py $(LOAD_ARGS)
+
+# Fuzzing (fuzz/run.sh; installs cargo-fuzz if missing): each target for FUZZ_SECONDS.
+FUZZ_SECONDS ?= 60
+fuzz:
+	sh fuzz/run.sh $(FUZZ_SECONDS)
+
+# A short run of each fuzz target, for CI.
+fuzz-smoke:
+	sh fuzz/run.sh 15

@@ -33,6 +33,20 @@ pub enum InviteError {
 }
 
 impl InviteError {
+    /// Every variant, for checks that must cover them all.
+    pub const ALL: [InviteError; 10] = [
+        InviteError::NoToken,
+        InviteError::TokenInvalid,
+        InviteError::TokenExpired,
+        InviteError::TokenUsed,
+        InviteError::TokenRevoked,
+        InviteError::UsernameMismatch,
+        InviteError::UsernameReserved,
+        InviteError::UsernameTaken,
+        InviteError::AccountNotFound,
+        InviteError::Storage,
+    ];
+
     /// The stable name handed to Lua as the second return value.
     pub fn name(&self) -> &'static str {
         match self {
@@ -84,19 +98,7 @@ mod tests {
 
     #[test]
     fn names_are_stable_and_hyphenated() {
-        let all = [
-            InviteError::NoToken,
-            InviteError::TokenInvalid,
-            InviteError::TokenExpired,
-            InviteError::TokenUsed,
-            InviteError::TokenRevoked,
-            InviteError::UsernameMismatch,
-            InviteError::UsernameReserved,
-            InviteError::UsernameTaken,
-            InviteError::AccountNotFound,
-            InviteError::Storage,
-        ];
-        for e in all {
+        for e in InviteError::ALL {
             let name = e.to_string();
             assert!(name.chars().all(|c| c.is_ascii_lowercase() || c == '-'));
         }

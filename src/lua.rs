@@ -212,6 +212,35 @@ fn kind(t: &Table, method: &str) -> mlua::Result<InviteKind> {
     }
 }
 
+/// Plain data is kept as JSON inside the invite's record, which serde_json reads back to
+/// 128 levels only; and converting it recurses once per level, so a deep enough table would
+/// overflow the stack before any check of ours. Prosody's own data is two levels deep.
+const MAX_DATA_DEPTH: usize = 32;
+/// Values in one piece of plain data, a shared table counted each time it is reached (as
+/// converting copies it each time), so that shared or cyclic tables keep the check cheap.
+const MAX_DATA_VALUES: usize = 10_000;
+
+/// Whether `v` nests at most `depth` tables deep, within the remaining `budget` of values.
+fn data_within(v: &Value, depth: usize, budget: &mut usize) -> mlua::Result<bool> {
+    let Some(left) = budget.checked_sub(1) else {
+        return Ok(false);
+    };
+    *budget = left;
+    let Value::Table(t) = v else {
+        return Ok(true);
+    };
+    if depth == 0 {
+        return Ok(false);
+    }
+    for pair in t.pairs::<Value, Value>() {
+        let (key, value) = pair?;
+        if !data_within(&key, depth - 1, budget)? || !data_within(&value, depth - 1, budget)? {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
 fn json_of(
     lua: &Lua,
     v: Value,
@@ -220,6 +249,13 @@ fn json_of(
 ) -> mlua::Result<Option<serde_json::Value>> {
     if v.is_nil() {
         return Ok(None);
+    }
+    let mut budget = MAX_DATA_VALUES;
+    if !data_within(&v, MAX_DATA_DEPTH, &mut budget)? {
+        return Err(mlua::Error::RuntimeError(format!(
+            "bad field '{what}' in argument to '{method}' (plain data expected: \
+             at most {MAX_DATA_DEPTH} tables deep and {MAX_DATA_VALUES} values)"
+        )));
     }
     let options = DeserializeOptions::new().deny_unsupported_types(true);
     lua.from_value_with::<serde_json::Value>(v, options)
@@ -734,6 +770,65 @@ mod tests {
             .load("broken = false; return assert(book:get(invite.token, nil, 1700000001)).status")
             .eval()?;
         assert_eq!(status, "pending");
+        Ok(())
+    }
+
+    /// Creates an invite whose `additional_data` is `depth` nested tables; returns whether
+    /// `create` raised, with its message, and whether the invite reads back through `get`.
+    fn create_with_nested_data(lua: &Lua, depth: i64) -> mlua::Result<(bool, String, bool)> {
+        book_with_breakable_store(lua)?;
+        lua.load(
+            r#"
+            local depth = ...
+            local data = {}
+            for _ = 2, depth do data = { data } end
+            local ok, created = pcall(book.create, book, { type = "register",
+                jid = "example.com", allow_registration = true, ttl = 3600,
+                additional_data = data }, 1700000000)
+            if not ok then return false, tostring(created), false end
+            return true, "", book:get(created.token, nil, 1700000001) ~= nil
+            "#,
+        )
+        .call(depth)
+    }
+
+    // Found by fuzzing (fuzz/corpus/lua_values/seed-crash-data-nested-127): the invite was
+    // written, but its record nested deeper than serde_json reads back, so it never worked.
+    #[test]
+    fn additional_data_nested_deeper_than_a_record_holds_is_refused() -> mlua::Result<()> {
+        let (created, _, readable) = create_with_nested_data(&Lua::new(), 32)?;
+        assert!(created && readable);
+        for depth in [33, 127] {
+            let (created, message, _) = create_with_nested_data(&Lua::new(), depth)?;
+            assert!(!created, "depth {depth}");
+            assert!(message.contains("bad field 'additional_data'"), "{message}");
+        }
+        Ok(())
+    }
+
+    // Found by fuzzing (fuzz/corpus/lua_values/seed-crash-data-nested-20000): converting
+    // the table recursed once per level and overflowed the stack, aborting the process.
+    #[test]
+    fn deep_or_cyclic_additional_data_raises_instead_of_overflowing() -> mlua::Result<()> {
+        let (created, message, _) = create_with_nested_data(&Lua::new(), 200_000)?;
+        assert!(!created);
+        assert!(message.contains("at most 32 tables deep"), "{message}");
+
+        let lua = Lua::new();
+        book_with_breakable_store(&lua)?;
+        let (ok, message): (bool, String) = lua
+            .load(
+                r#"
+                local cycle = {}
+                cycle[1], cycle[2], cycle.x = cycle, cycle, cycle
+                local ok, e = pcall(book.create, book, { type = "register", jid = "example.com",
+                    ttl = 3600, additional_data = { a = cycle } }, 1700000000)
+                return ok, tostring(e)
+                "#,
+            )
+            .eval()?;
+        assert!(!ok);
+        assert!(message.contains("bad field 'additional_data'"), "{message}");
         Ok(())
     }
 
