@@ -25,7 +25,10 @@ CORE := $(TARGET_DIR)/release/libprosody_invites.so
 
 # Prosody 13 for the second integration run, extracted under build/ (see .ci/prosody13).
 PROSODY13_VERSION := 13.0.1-1~bpo12+1
+PROSODY13_MODULES_VERSION := 0.0~hg20250402.f315edc39f3d+dfsg-1~bpo12+1
 PROSODY13 := $(BUILD)/prosody13
+# Made last by .ci/prosody13; named after both versions, so changing one extracts again.
+PROSODY13_READY := $(PROSODY13)/ready-$(subst ~,_,$(PROSODY13_VERSION))-$(subst ~,_,$(PROSODY13_MODULES_VERSION))
 
 # Lua versions the boundary specs run on (each with its own build of the core).
 LUA_MATRIX := 5.1 5.2 5.3 5.4 jit
@@ -74,10 +77,11 @@ test-lua-versions:
 test-integration:
 	python3 -m pytest -q spec/integration
 
-$(PROSODY13)/bin/prosody:
-	sh .ci/prosody13 $(PROSODY13) "$(PROSODY13_VERSION)"
+$(PROSODY13_READY):
+	sh .ci/prosody13 $(PROSODY13) "$(PROSODY13_VERSION)" "$(PROSODY13_MODULES_VERSION)"
+	touch $@
 
-test-prosody13: $(PROSODY13)/bin/prosody
+test-prosody13: $(PROSODY13_READY)
 	PROSODY_BIN=$(CURDIR)/$(PROSODY13)/bin/prosody PROSODYCTL_BIN=$(CURDIR)/$(PROSODY13)/bin/prosodyctl \
 		python3 -m pytest -q spec/integration
 
@@ -107,7 +111,7 @@ LOAD_ARGS ?=
 load: deps build
 	python3 spec/load/load.py $(LOAD_ARGS)
 
-load-prosody13: deps build $(PROSODY13)/bin/prosody
+load-prosody13: deps build $(PROSODY13_READY)
 	PROSODY_BIN=$(CURDIR)/$(PROSODY13)/bin/prosody PROSODYCTL_BIN=$(CURDIR)/$(PROSODY13)/bin/prosodyctl \
 		python3 spec/load/load.py $(LOAD_ARGS)
 

@@ -42,6 +42,8 @@ REPO = HERE.parent.parent
 # INVITES_PLUGINS_DIR overrides where INVITES_IMPL=ours looks for the built plugins.
 BUILD_PLUGINS = Path(os.environ.get("INVITES_PLUGINS_DIR") or (REPO / "build" / "plugins")).resolve()
 TEST_PLUGINS = HERE / "plugins"
+# Stand-ins for community modules that Debian ships for Prosody 13 but not for 0.12.
+TEST_PLUGINS_012 = HERE / "plugins-0.12"
 
 PROSODY = os.environ.get("PROSODY_BIN", "prosody")
 PROSODYCTL = os.environ.get("PROSODYCTL_BIN", "prosodyctl")
@@ -741,6 +743,8 @@ class ProsodyServer:
             paths.append(str(BUILD_PLUGINS))
         if self.testhook:
             paths.append(str(TEST_PLUGINS))
+        if prosody_major_version() < 13:
+            paths.append(str(TEST_PLUGINS_012))
         return paths
 
     @property

@@ -5,11 +5,14 @@ and mod_invites_register: the invite is made by our `prosodyctl mod_invites gene
 the pages call our invites.get(), and the registration goes through our user-registering /
 user-registered hooks.
 
-mod_invites_register_web depends on mod_password_policy, which Debian's prosody package
-does not ship: the test loads a minimal stand-in, spec/integration/plugins/mod_password_policy.lua
-(minimum length 8, password must not contain the username).
+mod_invites_register_web depends on mod_password_policy. Under Prosody 13 that is the real
+module from bookworm-backports' prosody-modules. Debian's prosody-modules for 0.12 does not
+ship it: under 0.12 the test loads a minimal stand-in,
+spec/integration/plugins-0.12/mod_password_policy.lua (the community module's defaults:
+minimum length 8, password must not contain the username).
 
-Screenshots of every page go to build/screenshots/<test>-<storage>-<step>.png.
+Screenshots of every page go to build/screenshots/<test>-<storage>-<step>.png
+(prosody13-<test>-… under Prosody 13).
 
 Needs chromium, chromium-driver (apt) and selenium (pip); libjs-bootstrap4 (apt) makes the
 pages styled. Without them the tests are skipped, or fail when CI is set.

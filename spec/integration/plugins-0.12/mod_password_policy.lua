@@ -1,8 +1,10 @@
 -- TEST STAND-IN for mod_password_policy (a prosody-modules community module).
 --
--- Prosody's mod_invites_register_web does module:depends("password_policy"), but Debian's
--- prosody package does not ship mod_password_policy, so the web registration tests load
--- this minimal replacement from spec/integration/plugins (on plugin_paths in the harness).
+-- Prosody's mod_invites_register_web does module:depends("password_policy"). Debian's
+-- prosody-modules for Prosody 0.12 (bookworm) does not ship mod_password_policy, so under
+-- 0.12 the web registration tests load this minimal replacement from
+-- spec/integration/plugins-0.12 (the harness adds that folder to plugin_paths under 0.12
+-- only). Under Prosody 13 the real module from bookworm-backports' prosody-modules is used.
 -- It provides only what mod_invites_register_web calls:
 --   get_policy()                          -> { length = N }   (used for the form's minlength)
 --   check_password(password, { username }) -> true | nil, message, policy_name
