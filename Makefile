@@ -30,6 +30,9 @@ PROSODY13 := $(BUILD)/prosody13
 # Made last by .ci/prosody13; named after both versions, so changing one extracts again.
 PROSODY13_READY := $(PROSODY13)/ready-$(subst ~,_,$(PROSODY13_VERSION))-$(subst ~,_,$(PROSODY13_MODULES_VERSION))
 
+# Python for the tests and tools (see .ci/python).
+PYTHON := sh .ci/python
+
 # Lua versions the boundary specs run on (each with its own build of the core).
 LUA_MATRIX := 5.1 5.2 5.3 5.4 jit
 
@@ -55,7 +58,7 @@ deps:
 	sh .ci/deps
 
 run: deps build
-	python3 spec/integration/devserver.py
+	$(PYTHON) spec/integration/devserver.py
 
 test: deps build test-rust test-busted test-lua-versions test-integration test-prosody13
 
@@ -75,7 +78,7 @@ test-lua-versions:
 	done
 
 test-integration:
-	python3 -m pytest -q spec/integration
+	$(PYTHON) -m pytest -q spec/integration
 
 $(PROSODY13_READY):
 	sh .ci/prosody13 $(PROSODY13) "$(PROSODY13_VERSION)" "$(PROSODY13_MODULES_VERSION)"
@@ -83,15 +86,15 @@ $(PROSODY13_READY):
 
 test-prosody13: $(PROSODY13_READY)
 	PROSODY_BIN=$(CURDIR)/$(PROSODY13)/bin/prosody PROSODYCTL_BIN=$(CURDIR)/$(PROSODY13)/bin/prosodyctl \
-		python3 -m pytest -q spec/integration
+		$(PYTHON) -m pytest -q spec/integration
 
 # Ours vs Prosody's own store in a real Prosody, N up to 100,000 (about 40 min; see bench/README.md).
 bench: deps build
-	python3 bench/run.py
+	$(PYTHON) bench/run.py
 
 # The same up to N = 10,000 (about 2 min).
 bench-quick: deps build
-	python3 bench/run.py --quick
+	$(PYTHON) bench/run.py --quick
 
 # CPU per operation of the Rust core alone (in-memory storage).
 bench-core:
@@ -109,11 +112,11 @@ clean:
 # prints registrations/s and latency, fails on any broken invariant. LOAD_ARGS to resize.
 LOAD_ARGS ?=
 load: deps build
-	python3 spec/load/load.py $(LOAD_ARGS)
+	$(PYTHON) spec/load/load.py $(LOAD_ARGS)
 
 load-prosody13: deps build $(PROSODY13_READY)
 	PROSODY_BIN=$(CURDIR)/$(PROSODY13)/bin/prosody PROSODYCTL_BIN=$(CURDIR)/$(PROSODY13)/bin/prosodyctl \
-		python3 spec/load/load.py $(LOAD_ARGS)
+		$(PYTHON) spec/load/load.py $(LOAD_ARGS)
 
 # Fuzzing (fuzz/run.sh; installs cargo-fuzz if missing): each target for FUZZ_SECONDS.
 FUZZ_SECONDS ?= 60

@@ -40,7 +40,12 @@ describe("prosodyctl mod_invites", function ()
 	it("should refuse bad input with one line and a non-zero status", function ()
 		local cases = {
 			{ { "generate", "nosuch.example" }, 1, "Host 'nosuch.example' is not configured" };
-			{ { "list" }, 1, "Host 'nil' is not configured" };
+			{ { "list" }, 2, "Please give a host: prosodyctl mod_invites list HOST" };
+			{ { "frobnicate", "example.com" }, 2, "Unknown command 'frobnicate' (commands: generate, list, show, revoke, delete, prune; see 'prosodyctl mod_invites help')" };
+			{ { "prune", "example.com", "--dry-run" }, 2, "unexpected argument: --dry-run" };
+			{ { "show", "example.com", "abcd", "extra" }, 2, "unexpected argument: extra" };
+			{ { "revoke", "example.com", "abcd", "--force" }, 2, "unexpected argument: --force" };
+			{ { "generate", "example.com", "--expires-after", "0s" }, 2, "Invalid --expires-after: duration must be longer than zero" };
 			{ { "generate", "example.com", "--uses", "0" }, 2, "--uses must be a whole number of at least 1" };
 			{ { "generate", "example.com", "--uses", "1.5" }, 2, "--uses must be a whole number of at least 1" };
 			{ { "generate", "example.com", "--uses" }, 2, "--uses must be a whole number of at least 1" };
@@ -60,10 +65,24 @@ describe("prosodyctl mod_invites", function ()
 		end
 	end);
 
-	it("should show usage for an unknown command", function ()
-		local rc, out = run("frobnicate");
+	it("should show usage without a command, and for help", function ()
+		local rc, out = run();
 		assert.equal(2, rc);
 		assert.truthy(out:find("usage: prosodyctl mod_invites COMMAND HOST", 1, true));
+		rc, out = run("help");
+		assert.equal(0, rc);
+		assert.truthy(out:find("usage: prosodyctl mod_invites COMMAND HOST", 1, true));
+	end);
+
+	it("should say so when there is nothing left to revoke", function ()
+		local _, uri = run("generate", "example.com");
+		local token = uri:match("preauth=([%w_-]+)");
+		local _, listing = run("list", "example.com");
+		local invite_id = listing:match("\n(%x+)%s+register");
+		assert.equal(0, (run("revoke", "example.com", invite_id)));
+		local rc, out = run("revoke", "example.com", token);
+		assert.equal(1, rc);
+		assert.equal("Invite "..invite_id.." is already revoked; nothing to revoke", out);
 	end);
 
 	it("should list, show and revoke by id, never printing a token", function ()
@@ -97,6 +116,7 @@ describe("core helpers", function ()
 	it("#parse_duration() should accept admin durations and explain refusals", function ()
 		assert.equal(1800, core.parse_duration("30m"));
 		assert.equal(1209600, core.parse_duration("2w"));
+		assert.equal(43200, core.parse_duration("12 hrs"));
 		assert.same({ nil, "duration must be longer than zero" }, { core.parse_duration("0h") });
 	end);
 
@@ -107,7 +127,13 @@ describe("core helpers", function ()
 		t:failed("192.0.2.1", 1001);
 		assert.is_false(t:allows("192.0.2.1", 1002));
 		assert.is_true(t:allows("192.0.2.2", 1002));
-		assert.is_true(t:allows("192.0.2.1", 1060));
+		-- Locked for one period from the failure that engaged it.
+		assert.is_false(t:allows("192.0.2.1", 1060));
+		assert.is_true(t:allows("192.0.2.1", 1061));
+		-- IPv6 counts per /64.
+		t:failed("2001:db8::1", 1000);
+		t:failed("2001:db8::2", 1000);
+		assert.is_false(t:allows("2001:db8::ffff", 1001));
 		helpers.raises(function () core.throttle(0, 60, 100); end, "bad argument #1 to 'throttle'");
 	end);
 

@@ -106,6 +106,9 @@ function helpers.fake_module(name, host, options)
 		return v;
 	end
 	function m:get_option_string(opt, default) return self.options[opt] or default; end
+	function m:get_option_set(opt, default)
+		return require "util.set".new(self.options[opt] or default or {});
+	end
 	function m:get_directory() return helpers.plugins.."/mod_"..name; end
 	function m:open_store(store_name)
 		stores[store_name] = stores[store_name] or helpers.memory_store();

@@ -53,6 +53,15 @@ describe("mod_invites", function ()
 			assert.same({ nil, "username-mismatch" }, { valid:reserve("mallory") });
 			assert.is_true(valid:reserve("alice"));
 		end);
+
+		it("should bind the username as registration normalises it", function ()
+			local env = load_invites();
+			local invite = assert(env.create_account("Alice"));
+			assert.equal("xmpp:alice@example.com?register;preauth="..invite.token, invite.uri);
+			assert.is_true(env.is_username_reserved("alice"));
+			assert.is_true(assert(env.get(invite.token)):reserve("alice"));
+			assert.same({ nil, "username-invalid" }, { env.create_account("a b@c") });
+		end);
 	end);
 
 	describe("#create_account_reset()", function ()

@@ -1,5 +1,8 @@
-//! Durations as admins type them: `30m`, `12h`, `3d`, `2w`, plain seconds, or Prosody 13's
-//! periods such as `1 week` or `2 days`.
+//! Durations as admins type them: `30m`, `12h`, `3d`, `2w`, plain seconds, or periods in
+//! the words Prosody 13's `module:get_option_period` reads (`1 week`, `12 hrs`, `5 mins`,
+//! `2 Days`, `1 month`), with the same lengths (a month is 31 days, a year 365.2425 days).
+//! One difference, on purpose: a bare `m` is minutes (`30m`), where Prosody 13 calls it an
+//! ambiguous month.
 
 use std::fmt;
 
@@ -16,8 +19,22 @@ impl fmt::Display for DurationError {
 /// Longest duration accepted: ten years, far past any sensible invite.
 const MAX_SECONDS: i64 = 10 * 366 * 86400;
 
+const DAY: i64 = 86400;
+
+/// Unit words and their length in seconds; matched without regard to case.
+const UNITS: &[(&[&str], i64)] = &[
+    (&["", "s", "sec", "secs", "second", "seconds"], 1),
+    (&["m", "min", "mins", "minute", "minutes"], 60),
+    (&["h", "hr", "hrs", "hour", "hours"], 3600),
+    (&["d", "day", "days"], DAY),
+    (&["w", "wk", "wks", "week", "weeks"], 7 * DAY),
+    (&["mon", "month", "months"], 31 * DAY),
+    // 365.2425 days, as Prosody 13 counts a year.
+    (&["y", "yr", "yrs", "year", "years"], 31_556_952),
+];
+
 /// Seconds in `text`: digits followed by a unit (`s`, `m`, `h`, `d`, `w`, or a word such as
-/// `weeks`; nothing means seconds).
+/// `weeks` or `hrs`; nothing means seconds).
 pub fn parse_duration(text: &str) -> Result<i64, DurationError> {
     let text = text.trim();
     let split = text
@@ -29,16 +46,12 @@ pub fn parse_duration(text: &str) -> Result<i64, DurationError> {
             "expected a number followed by s, m, h, d or w (e.g. 12h)",
         ));
     }
-    let multiplier = match unit.trim() {
-        "" | "s" | "sec" | "second" | "seconds" => 1,
-        "m" | "min" | "minute" | "minutes" => 60,
-        "h" | "hour" | "hours" => 3600,
-        "d" | "day" | "days" => 86400,
-        "w" | "week" | "weeks" => 7 * 86400,
-        "month" | "months" => 30 * 86400,
-        "y" | "year" | "years" => 365 * 86400,
-        _ => return Err(DurationError("unknown unit: use s, m, h, d or w (e.g. 3d)")),
-    };
+    let unit = unit.trim().to_ascii_lowercase();
+    let multiplier = UNITS
+        .iter()
+        .find(|(words, _)| words.contains(&unit.as_str()))
+        .map(|(_, seconds)| *seconds)
+        .ok_or(DurationError("unknown unit: use s, m, h, d or w (e.g. 3d)"))?;
     let n: i64 = digits
         .parse()
         .map_err(|_| DurationError("number too large"))?;
@@ -68,7 +81,20 @@ mod tests {
         assert_eq!(parse_duration("1 week"), Ok(604800));
         assert_eq!(parse_duration("2 days"), Ok(172800));
         assert_eq!(parse_duration("30 minutes"), Ok(1800));
-        assert_eq!(parse_duration("1 month"), Ok(2592000));
+        assert_eq!(parse_duration("1 month"), Ok(31 * 86400));
+    }
+
+    #[test]
+    fn reads_the_periods_prosody_13_reads() {
+        assert_eq!(parse_duration("12 hrs"), Ok(43200));
+        assert_eq!(parse_duration("5 mins"), Ok(300));
+        assert_eq!(parse_duration("3 secs"), Ok(3));
+        assert_eq!(parse_duration("2 wks"), Ok(1209600));
+        assert_eq!(parse_duration("2 Days"), Ok(172800));
+        assert_eq!(parse_duration("1 WEEK"), Ok(604800));
+        assert_eq!(parse_duration("1 year"), Ok(31_556_952));
+        assert_eq!(parse_duration("2 months"), Ok(62 * 86400));
+        assert_eq!(parse_duration("10 years"), Ok(315_569_520));
     }
 
     #[test]
@@ -86,6 +112,10 @@ mod tests {
             "0d",
             "99999999999999999999s",
             "600w",
+            "never",
+            "1 mo",
+            "12 hourz",
+            "1 week please",
         ] {
             assert!(parse_duration(bad).is_err(), "{bad:?}");
         }

@@ -8,6 +8,7 @@
 
 local id = require "util.id";
 local jid_split = require "util.jid".split;
+local nodeprep = require "util.encodings".stringprep.nodeprep;
 local usermanager = require "core.usermanager";
 
 -- COMPAT: Prosody 13 has a role API (invites carry roles as a list, primary role first)
@@ -15,6 +16,62 @@ local usermanager = require "core.usermanager";
 -- store and shell commands in a shared console environment.
 local has_role_api = usermanager.set_user_role ~= nil;
 local has_shell_items = has_role_api;
+-- Prosody 13's mod_invites makes landing pages from the `invites_page` option itself;
+-- 0.12's leaves that to mod_invites_page (which reads the same option).
+local makes_landing_pages = has_role_api;
+
+-- Roles for a new invite, from a list of names (primary first): 13 keeps the list, 0.12
+-- takes a set and gives an account one role, so the last name counts there.
+local function roles_for_invite(names)
+	if has_role_api then return names; end
+	return { [names[#names]] = true };
+end
+
+-- Where admin shell commands live (`commands`: see "Admin shell commands" below).
+-- Prosody 13: "shell-command" items, each run on the module instance of the host its first
+-- argument names (`prosodyctl shell invite list example.com`). Prosody 0.12: one console
+-- environment shared by all hosts (`invite:list("example.com")`), where each command finds
+-- the host's module instance itself. (On 13, writing there would replace 13's section.)
+local function offer_shell_commands(commands)
+	if has_shell_items then
+		for _, command in ipairs(commands) do
+			module:add_item("shell-command", {
+				section = "invite";
+				section_desc = "Create and manage invitations";
+				name = command.name;
+				desc = command.desc;
+				args = command.args;
+				host_selector = command.args[1].name;
+				flags = command.flags;
+				handler = function (self, ...)
+					return command.run(self.session.print, ...);
+				end;
+			});
+		end
+		return;
+	end
+	local get_module = require "core.modulemanager".get_module;
+	local console_env = module:shared("/*/admin_shell/env");
+	console_env.invite = {};
+	for _, command in ipairs(commands) do
+		local name, console = command.name, command.console;
+		console_env.invite[name] = function (self, first, ...)
+			local host = type(first) == "string" and select(2, jid_split(first));
+			if not host then
+				return nil, "Please give the host (or a JID) as the first argument";
+			end
+			local mod_invites = get_module(host, "invites");
+			if not mod_invites then
+				return nil, "mod_invites is not loaded on "..host;
+			end
+			local run = mod_invites.admin_command[name].run;
+			if console then
+				return run(self.session.print, console(first, ...));
+			end
+			return run(self.session.print, first, ...);
+		end;
+	end
+end
 
 -- Prosody does not add plugin folders to package.cpath: load the core from beside this file.
 local core_path = module:get_directory().."/prosody_invites.so";
@@ -24,30 +81,39 @@ if not open_core then
 end
 local core = open_core();
 
--- Seconds, or a period such as "1 week" or "3d" (Prosody 13 style) on every version.
-local function period_option(name, default)
+-- Seconds, or a period such as "1 week" or "3d" (Prosody 13 style) on every version, of at
+-- least `min` seconds. With `can_be_off`, 0, false or "never" mean off (returns nil). A value
+-- that is none of these is logged and the default used.
+local function period_option(name, default, min, can_be_off)
 	local value = module:get_option(name, default);
-	if type(value) == "number" and value >= 0 then
-		return math.floor(value);
+	if can_be_off and (value == 0 or value == false or value == "never") then
+		return nil;
 	end
-	local seconds, err = core.parse_duration(tostring(value));
-	if not seconds then
-		module:log("error", "Option %s = %q is not a period (%s); using %d seconds", name, tostring(value), err, default);
+	local seconds, err;
+	if type(value) == "number" then
+		seconds = value >= min and value < 2^53 and math.floor(value) or nil;
+		err = ("less than %d seconds"):format(min);
+	else
+		seconds, err = core.parse_duration(tostring(value));
+	end
+	if not seconds or seconds < min then
+		module:log("error", "Option %s = %q is not a usable period (%s); using %d seconds", name, tostring(value),
+			err or ("less than %d seconds"):format(min), default);
 		return default;
 	end
 	return seconds;
 end
 
-local default_ttl = period_option("invite_expiry", 86400 * 7);
+local default_ttl = period_option("invite_expiry", 86400 * 7, 1);
 
 -- Finished (used, revoked, expired) invites are kept this long, then pruned.
-local retention = period_option("invite_retention", 7 * 86400);
-local prune_interval = period_option("invite_prune_interval", 3600);
+local retention = period_option("invite_retention", 7 * 86400, 0);
+local prune_interval = period_option("invite_prune_interval", 3600, 1, true);
 
 -- How long a registration may take between user-registering and user-registered before
 -- the use it holds is given back (it is given back at once when registration fails). Only
 -- a server that died mid-registration leaves a reservation to lapse.
-local reservation_lease = period_option("invite_reservation_lease", 120);
+local reservation_lease = period_option("invite_reservation_lease", 120, 1);
 
 local book;
 local invite_store;
@@ -105,10 +171,51 @@ local function create_invite(spec)
 	return invite;
 end
 
+-- Landing pages without mod_invites_page, as Prosody 13's mod_invites makes them (on 13
+-- only, see COMPAT above): with `invites_page` set to a URL template (e.g. a deployment of
+-- easy-xmpp-invitation), invites of the types in `invites_page_supports` get
+-- `landing_page`. Runs after other handlers of invite-created, so mod_invites_page keeps
+-- its own.
+local url_escape = require "util.http".urlencode;
+local render_url = require "util.interpolation".new("%b{}", url_escape, {
+	urlescape = url_escape;
+	noscheme = function (url)
+		return (url:gsub("^[^:]+:", ""));
+	end;
+});
+local invite_url_template = makes_landing_pages and module:get_option_string("invites_page");
+local invites_page_supports = module:get_option_set("invites_page_supports", { "account", "contact", "account-and-contact" });
+
+module:hook("invite-created", function (invite)
+	if not invite_url_template or invite.landing_page then return; end
+	local invite_type;
+	if invite.type == "register" then
+		invite_type = "account";
+	elseif invite.type == "roster" then
+		invite_type = invite.allow_registration and "account-and-contact" or "contact-only";
+	end
+	if invites_page_supports:contains(invite_type) then
+		invite.landing_page = render_url(invite_url_template, { host = module.host, invite = invite });
+	end
+end, -1);
+
 -- Create invitation to register an account (optionally restricted to the specified username).
 -- Extension: `max_uses` lets that many different accounts register with one invite.
+-- The username is normalised as registration will normalise it ("Alice" binds "alice").
 function create_account(account_username, additional_data, ttl, max_uses) --luacheck: ignore 131/create_account
+	if account_username ~= nil then
+		account_username = type(account_username) == "string" and nodeprep(account_username) or nil;
+		if not account_username or account_username == "" then
+			return nil, "username-invalid";
+		end
+	end
 	local reset = type(additional_data) == "table" and additional_data.allow_reset or nil;
+	if reset then
+		reset = type(reset) == "string" and nodeprep(reset) or nil;
+		if not reset or reset == "" then
+			return nil, "username-invalid";
+		end
+	end
 	return create_invite({
 		type = "register";
 		jid = account_username and (account_username.."@"..module.host) or module.host;
@@ -205,12 +312,15 @@ function get(token, username)
 	return setmetatable(invite, valid_invite_mt);
 end
 
-function valid_invite_methods:use()
+-- Spends one use at once (contact invites, other modules). `by` (optional, an extension)
+-- names who used it, for the log line.
+function valid_invite_methods:use(by)
 	local used, err = get_book():use(self.token, contact_of[self], os.time());
 	if not used then
 		module:log("debug", "Invite %s not used: %s", self.id, err);
 		return nil, err;
 	end
+	module:log("info", "Invite %s redeemed by %s", self.id, type(by) == "string" and by or "another module");
 	return true;
 end
 
@@ -366,34 +476,86 @@ end
 -- Used, revoked and expired records are kept for `invite_retention` seconds (so
 -- `list --all` can show them), then removed every `invite_prune_interval` seconds.
 
--- Removes finished invites older than `keep` seconds. Returns how many, or nil, err.
-function prune(keep) --luacheck: ignore 131/prune
-	local invites, now = get_book(), os.time();
-	-- Collect first: some stores cannot be written while their listing is open.
-	local keys = {};
-	for key in invite_store:users() do
-		table.insert(keys, key);
-	end
-	local removed = 0;
-	for _, key in ipairs(keys) do
-		local ok, err = invites:prune(key, now, keep or 0);
+-- Prunes the stored invites under `keys` from `first` on, at most `batch` of them (all if
+-- nil), removing finished ones older than `keep` seconds. Returns how many it removed, how
+-- many failed (storage errors, logged by the core) and where to go on (nil when done).
+local function prune_keys(keys, first, batch, keep, now)
+	local invites = get_book();
+	local removed, failed = 0, 0;
+	local last = batch and math.min(#keys, first + batch - 1) or #keys;
+	for i = first, last do
+		local ok = invites:prune(keys[i], now, keep);
 		if ok == nil then
-			return nil, err;
+			failed = failed + 1;
 		elseif ok then
 			removed = removed + 1;
 		end
 	end
+	return removed, failed, last < #keys and last + 1 or nil;
+end
+
+-- The keys of all stored invites, or nil, err. Collected first: some stores cannot be
+-- written while their listing is open.
+local function all_keys()
+	get_book(); -- opens invite_store
+	local ok, keys = pcall(function ()
+		local list = {};
+		for key in invite_store:users() do
+			table.insert(list, key);
+		end
+		return list;
+	end);
+	if not ok then
+		module:log("error", "Could not list the stored invites: %s", keys);
+		return nil, "the invite store failed (the error is logged)";
+	end
+	return keys;
+end
+
+-- Removes finished invites older than `keep` seconds at once (the prune command). Returns
+-- how many, or nil, err if any could not be removed (the others are removed all the same).
+function prune(keep) --luacheck: ignore 131/prune
+	local keys, err = all_keys();
+	if not keys then return nil, err; end
+	local removed, failed = prune_keys(keys, 1, nil, keep or 0, os.time());
+	if failed > 0 then
+		return nil, ("%d removed, %d could not be read or removed (see the log)"):format(removed, failed);
+	end
 	return removed;
 end
 
-if prosody.process_type == "prosody" then
-	module:add_timer(prune_interval, function ()
-		local removed, err = prune(retention);
-		if not removed then
-			module:log("warn", "Pruning finished invites failed: %s", err);
+-- The timer prunes in batches, one per turn of the event loop, so a store with many
+-- invites never holds up the server for long.
+local prune_batch = 200;
+local pruning = false; -- a run is under way (a short interval must not start a second)
+
+local function prune_in_background()
+	if pruning then return; end
+	local keys, now = all_keys(), os.time();
+	if not keys then return; end -- logged; the next interval tries again
+	pruning = true;
+	local removed, failed, next_key = 0, 0, 1;
+	local function step()
+		local r, f;
+		r, f, next_key = prune_keys(keys, next_key, prune_batch, retention, now);
+		removed, failed = removed + r, failed + f;
+		if next_key then
+			return 0; -- again, on the next turn of the loop
+		end
+		pruning = false;
+		if failed > 0 then
+			module:log("warn", "Pruned %d finished invites; %d could not be read or removed", removed, failed);
 		elseif removed > 0 then
 			module:log("info", "Pruned %d finished invites", removed);
 		end
+	end
+	if step() then module:add_timer(0, step); end
+end
+
+if prosody.process_type == "prosody" and prune_interval then
+	-- The first run a minute after start (sooner with a shorter interval), then every interval.
+	module:add_timer(math.min(prune_interval, 60), function ()
+		prune_in_background();
 		return prune_interval;
 	end);
 end
@@ -443,6 +605,7 @@ local function resolve(ref)
 	if type(ref) ~= "string" or ref == "" then
 		return nil, "Please give an invite id (from 'list') or a token";
 	end
+	get_book(); -- opens invite_store
 	local key = core.key_of(ref);
 	if key and invite_store:get(key) ~= nil then
 		return key;
@@ -502,7 +665,12 @@ end
 function revoke_by_ref(ref) --luacheck: ignore 131/revoke_by_ref
 	local key, err = resolve(ref);
 	if not key then return nil, err; end
-	local invite, revoke_err = get_book():revoke_key(key, os.time());
+	local now = os.time();
+	local current = get_book():listed(key, now);
+	if current and current.status ~= "pending" and current.status ~= "reserved" then
+		return nil, ("Invite %s is already %s; nothing to revoke"):format(current.id, current.status);
+	end
+	local invite, revoke_err = get_book():revoke_key(key, now);
 	if not invite then return nil, "Could not revoke: "..for_admin(revoke_err); end
 	return invite;
 end
@@ -517,21 +685,19 @@ function create_for_command(options, username) --luacheck: ignore 131/create_for
 	}, options.ttl, options.uses);
 end
 
--- Checks generate's options, whether from prosodyctl's argv or the Prosody 13 shell:
--- { admin, role = {...}, group = {...}, expires_after, uses, reset }.
--- Returns what create_for_command takes, or nil, message.
-local function check_generate_options(raw)
+-- Checks generate's options, whether from prosodyctl's argv or the admin shell:
+-- { admin, role = {...}, group = {...}, expires_after, uses, reset }, for an invite bound
+-- to `username` if given. Returns what create_for_command takes, or nil, message.
+local function check_generate_options(raw, username)
 	local options = { groups = raw.group or {} };
 	local roles = raw.role or {};
 	if raw.admin then
 		table.insert(roles, 1, "prosody:admin");
 	end
 	if roles[1] then
-		-- COMPAT: Prosody 13 takes a list (primary role first); 0.12 a set, one role.
-		options.roles = has_role_api and roles or { [roles[#roles]] = true };
+		options.roles = roles_for_invite(roles);
 	end
 	if raw.reset ~= nil then
-		local nodeprep = require "util.encodings".stringprep.nodeprep;
 		local username = type(raw.reset) == "string" and nodeprep(raw.reset);
 		if not username or username == "" then
 			return nil, "Please supply a valid username to generate a reset link for";
@@ -556,182 +722,115 @@ local function check_generate_options(raw)
 		return nil, "--group and --reset are mutually exclusive";
 	elseif options.reset and options.uses then
 		return nil, "--uses and --reset are mutually exclusive";
+	elseif username and options.uses and options.uses > 1 then
+		return nil, "--uses needs an invite for any username: give the host, not a JID";
 	end
 	return options;
 end
 
---- Admin console (prosodyctl shell), Prosody 0.12
--- COMPAT: on Prosody 13 the same commands are "shell-command" items (below); writing to
--- the shared console environment there would replace the section those items fill.
-if not has_shell_items then
-	-- The console is global: this sets the commands once for every host it is loaded on.
-	local get_module = require "core.modulemanager".get_module;
-	local console_env = module:shared("/*/admin_shell/env");
+--- Admin shell commands (`prosodyctl shell`), defined once for both Prosody versions.
+-- `run(print, ...)` gets the arguments of a Prosody 13 shell handler after `self` (a JID or
+-- host first; then an id, or the flags table) and returns true, message or nil, error. It
+-- runs in the module instance of the host concerned. `console(...)` turns 0.12 console
+-- arguments (positional, no flags syntax) into those.
 
-	local function host_invites(host)
-		local mod_invites = get_module(host, "invites");
-		if not mod_invites then
-			return nil, "mod_invites is not loaded on "..tostring(host);
-		end
-		return mod_invites;
-	end
-
-	local function print_lines(shell, lines)
-		for _, line in ipairs(lines) do shell.session.print(line); end
-	end
-
-	-- luacheck: ignore 212/self
-	console_env.invite = {};
-	function console_env.invite:create_account(user_jid)
-		local username, host = jid_split(user_jid);
-		local mod_invites, err = host_invites(host);
-		if not mod_invites then return nil, err; end
-		local invite, create_err = mod_invites.create_account(username);
-		if not invite then return nil, "Could not create the invite: "..for_admin(create_err); end
-		return true, invite.landing_page or invite.uri;
-	end
-
-	function console_env.invite:create_contact(user_jid, allow_registration)
-		local username, host = jid_split(user_jid);
-		local mod_invites, err = host_invites(host);
-		if not mod_invites then return nil, err; end
-		local invite, create_err = mod_invites.create_contact(username, allow_registration);
-		if not invite then return nil, "Could not create the invite: "..for_admin(create_err); end
-		return true, invite.landing_page or invite.uri;
-	end
-
-	function console_env.invite:list(host, all)
-		local mod_invites, err = host_invites(host);
-		if not mod_invites then return nil, err; end
-		local lines = mod_invites.list_lines(all == true or all == "--all");
-		print_lines(self, lines);
-		return true, ("%d invites"):format(#lines - 1);
-	end
-
-	function console_env.invite:show(host, ref)
-		local mod_invites, err = host_invites(host);
-		if not mod_invites then return nil, err; end
-		local lines, show_err = mod_invites.show_lines(ref);
-		if not lines then return nil, show_err; end
-		print_lines(self, lines);
-		return true;
-	end
-
-	function console_env.invite:delete(host, ref)
-		local mod_invites, err = host_invites(host);
-		if not mod_invites then return nil, err; end
-		local invite, revoke_err = mod_invites.revoke_by_ref(ref);
-		if not invite then return nil, revoke_err; end
-		return true, "Revoked invite "..invite.id;
-	end
-	console_env.invite.revoke = console_env.invite.delete;
-
-	function console_env.invite:prune(host)
-		local mod_invites, err = host_invites(host);
-		if not mod_invites then return nil, err; end
-		local removed, prune_err = mod_invites.prune(0);
-		if not removed then return nil, prune_err; end
-		return true, ("Removed %d used, revoked or expired invites"):format(removed);
-	end
+local function print_lines(print, lines)
+	for _, line in ipairs(lines) do print(line); end
 end
 
---- Admin shell commands, Prosody 13: `prosodyctl shell invite list example.com` etc.
--- Each runs on the module instance of the host its first argument names.
-if has_shell_items then
-	local function shell_command(name, desc, args, flags, handler)
-		module:add_item("shell-command", {
-			section = "invite";
-			section_desc = "Create and manage invitations";
-			name = name;
-			desc = desc;
-			args = args;
-			host_selector = args[1].name;
-			flags = flags;
-			handler = handler;
-		});
-	end
+local function created(invite, err)
+	if not invite then return nil, "Could not create the invite: "..for_admin(err); end
+	return true, invite.landing_page or invite.uri;
+end
 
-	local function print_lines(shell, lines)
-		for _, line in ipairs(lines) do shell.session.print(line); end
-	end
+local function flags_of(opts)
+	return type(opts) == "table" and opts or {};
+end
 
-	-- luacheck: ignore 212/self
-	shell_command("create_account",
-		"Create an account invitation (a JID fixes the username; a host allows any)",
-		{ { name = "user_jid", type = "string" } },
-		{ array_params = { role = true, group = true }, value_params = { expires_after = true, uses = true },
-		  kv_params = { admin = true } },
-		function (self, user_jid, opts)
-			local options, err = check_generate_options(opts or {});
+local host_arg = { { name = "host", type = "string" } };
+local ref_args = { { name = "host", type = "string" }, { name = "id", type = "string" } };
+local jid_arg = { { name = "user_jid", type = "string" } };
+
+local function revoke_command(_, _, ref)
+	local invite, err = revoke_by_ref(ref);
+	if not invite then return nil, err; end
+	return true, "Revoked invite "..invite.id;
+end
+
+local admin_commands = {
+	{ name = "create_account", args = jid_arg,
+		desc = "Create an account invitation (a JID fixes the username; a host allows any)",
+		flags = { array_params = { role = true, group = true }, value_params = { expires_after = true, uses = true },
+			kv_params = { admin = true } },
+		run = function (_, user_jid, opts)
+			local username = jid_split(user_jid);
+			local options, err = check_generate_options(flags_of(opts), username);
 			if not options then return nil, err; end
-			local invite, create_err = create_for_command(options, (jid_split(user_jid)));
-			if not invite then return nil, "Could not create the invite: "..for_admin(create_err); end
-			return true, invite.landing_page or invite.uri;
-		end);
-
-	shell_command("create_reset", "Create a password reset link for an account",
-		{ { name = "user_jid", type = "string" } },
-		{ value_params = { expires_after = true } },
-		function (self, user_jid, opts)
+			return created(create_for_command(options, username));
+		end };
+	{ name = "create_reset", args = jid_arg,
+		desc = "Create a password reset link for an account",
+		flags = { value_params = { expires_after = true } },
+		run = function (_, user_jid, opts)
 			local username = jid_split(user_jid);
 			if not username then return nil, "Supply the JID of the account to reset"; end
-			local options, err = check_generate_options({ reset = username, expires_after = opts and opts.expires_after });
+			local options, err = check_generate_options({ reset = username, expires_after = flags_of(opts).expires_after });
 			if not options then return nil, err; end
-			local invite, create_err = create_account_reset(options.reset, options.ttl);
-			if not invite then return nil, "Could not create the invite: "..for_admin(create_err); end
-			return true, invite.landing_page or invite.uri;
-		end);
-
-	shell_command("create_contact", "Create an invitation to become a contact of a user",
-		{ { name = "user_jid", type = "string" } },
-		{ value_params = { expires_after = true }, kv_params = { allow_registration = true } },
-		function (self, user_jid, opts)
+			return created(create_account_reset(options.reset, options.ttl));
+		end };
+	{ name = "create_contact", args = jid_arg,
+		desc = "Create an invitation to become a contact of a user",
+		flags = { value_params = { expires_after = true }, kv_params = { allow_registration = true } },
+		console = function (user_jid, allow_registration)
+			if type(allow_registration) == "table" then return user_jid, allow_registration; end
+			return user_jid, { allow_registration = allow_registration };
+		end,
+		run = function (_, user_jid, opts)
 			local username = jid_split(user_jid);
 			if not username then return nil, "Supply the JID of the user to become a contact of"; end
-			local options, err = check_generate_options({ expires_after = opts and opts.expires_after });
+			opts = flags_of(opts);
+			local options, err = check_generate_options({ expires_after = opts.expires_after });
 			if not options then return nil, err; end
-			local invite, create_err = create_contact(username, opts and opts.allow_registration, nil, options.ttl);
-			if not invite then return nil, "Could not create the invite: "..for_admin(create_err); end
-			return true, invite.landing_page or invite.uri;
-		end);
-
-	shell_command("list", "List pending invitations (--all: also used, expired and revoked ones)",
-		{ { name = "host", type = "string" } },
-		{ kv_params = { all = true } },
-		function (self, _, opts)
-			local lines = list_lines(opts and opts.all);
-			print_lines(self, lines);
+			return created(create_contact(username, opts.allow_registration, nil, options.ttl));
+		end };
+	{ name = "list", args = host_arg,
+		desc = "List pending invitations (--all: also used, expired and revoked ones)",
+		flags = { kv_params = { all = true } },
+		console = function (host, all)
+			if type(all) == "table" then return host, all; end
+			return host, { all = all == true or all == "--all" };
+		end,
+		run = function (print, _, opts)
+			local lines = list_lines(flags_of(opts).all);
+			print_lines(print, lines);
 			return true, ("%d invites"):format(#lines - 1);
-		end);
-
-	shell_command("show", "Show an invitation, by id (from list) or token",
-		{ { name = "host", type = "string" }, { name = "id", type = "string" } },
-		nil,
-		function (self, _, ref)
+		end };
+	{ name = "show", args = ref_args,
+		desc = "Show an invitation, by id (from list) or token",
+		run = function (print, _, ref)
 			local lines, err = show_lines(ref);
 			if not lines then return nil, err; end
-			print_lines(self, lines);
+			print_lines(print, lines);
 			return true, "Invitation found";
-		end);
-
-	local function revoke_command(self, _, ref) --luacheck: ignore 212/self
-		local invite, err = revoke_by_ref(ref);
-		if not invite then return nil, err; end
-		return true, "Revoked invite "..invite.id;
-	end
-	local ref_args = { { name = "host", type = "string" }, { name = "id", type = "string" } };
-	shell_command("delete", "Revoke an invitation, by id or token", ref_args, nil, revoke_command);
-	shell_command("revoke", "Revoke an invitation, by id or token", ref_args, nil, revoke_command);
-
-	shell_command("prune", "Remove used, revoked and expired invitations",
-		{ { name = "host", type = "string" } },
-		nil,
-		function ()
+		end };
+	{ name = "delete", args = ref_args, desc = "Revoke an invitation, by id or token", run = revoke_command };
+	{ name = "revoke", args = ref_args, desc = "Revoke an invitation, by id or token", run = revoke_command };
+	{ name = "prune", args = host_arg,
+		desc = "Remove used, revoked and expired invitations",
+		run = function ()
 			local removed, err = prune(0);
-			if not removed then return nil, err; end
+			if not removed then return nil, "Could not prune: "..err; end
 			return true, ("Removed %d used, revoked or expired invites"):format(removed);
-		end);
+		end };
+};
+
+-- By name, for the 0.12 console, which finds them on the host's module instance.
+admin_command = {}; --luacheck: ignore 131/admin_command
+for _, command in ipairs(admin_commands) do
+	admin_command[command.name] = command;
 end
+
+offer_shell_commands(admin_commands);
 
 --- prosodyctl mod_invites …
 local usage = [[
@@ -795,14 +894,24 @@ function commands.generate(invites, arg)
 	return 0;
 end
 
+-- Refuses arguments beyond the `n` a command takes.
+local function no_more(arg, n)
+	if arg[n + 1] ~= nil then
+		print("unexpected argument: "..tostring(arg[n + 1]));
+		return false;
+	end
+	return true;
+end
+
 function commands.list(invites, arg)
 	local all = arg[1] == "--all";
-	if arg[1] and not all then print("unexpected argument: "..arg[1]); return 2; end
+	if not no_more(arg, all and 1 or 0) then return 2; end
 	for _, line in ipairs(invites.list_lines(all)) do print(line); end
 	return 0;
 end
 
 function commands.show(invites, arg)
+	if not no_more(arg, 1) then return 2; end
 	local lines, err = invites.show_lines(arg[1]);
 	if not lines then print(err); return 1; end
 	for _, line in ipairs(lines) do print(line); end
@@ -810,6 +919,7 @@ function commands.show(invites, arg)
 end
 
 function commands.revoke(invites, arg)
+	if not no_more(arg, 1) then return 2; end
 	local invite, err = invites.revoke_by_ref(arg[1]);
 	if not invite then print(err); return 1; end
 	print("Revoked invite "..invite.id);
@@ -817,7 +927,8 @@ function commands.revoke(invites, arg)
 end
 commands.delete = commands.revoke;
 
-function commands.prune(invites)
+function commands.prune(invites, arg)
+	if not no_more(arg, 0) then return 2; end
 	local removed, err = invites.prune(0);
 	if not removed then print("Could not prune: "..tostring(err)); return 1; end
 	print(("Removed %d used, revoked or expired invites"):format(removed));
@@ -826,16 +937,26 @@ end
 
 function module.command(arg)
 	local command = table.remove(arg, 1);
-	if command == "--help" or command == "help" or not commands[command] then
+	if command == "--help" or command == "help" then
 		print(usage);
-		return command and command ~= "--help" and command ~= "help" and 2 or 0;
+		return 0;
+	elseif command == nil then
+		print(usage);
+		return 2;
+	elseif not commands[command] then
+		print(("Unknown command '%s' (commands: generate, list, show, revoke, delete, prune; see 'prosodyctl mod_invites help')")
+			:format(command));
+		return 2;
 	end
 	local host = table.remove(arg, 1);
 	if host == "--help" then
 		print(usage);
 		return 0;
-	elseif not host or not prosody.hosts[host] then
-		print(("Host '%s' is not configured"):format(tostring(host)));
+	elseif host == nil then
+		print(("Please give a host: prosodyctl mod_invites %s HOST"):format(command));
+		return 2;
+	elseif not prosody.hosts[host] then
+		print(("Host '%s' is not configured"):format(host));
 		return 1;
 	end
 

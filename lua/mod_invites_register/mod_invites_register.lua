@@ -14,20 +14,80 @@ local rostermanager = require "core.rostermanager";
 local usermanager = require "core.usermanager";
 local modulemanager = require "core.modulemanager";
 
+-- COMPAT: Prosody 13 has a role API (primary role + secondary roles; invites carry a list);
+-- 0.12 keeps a set of role names per user in the "roles" store. Invites may carry either
+-- shape (made by 0.12 or 13 tooling), so both are read on both versions. A list keeps its
+-- order (primary role first); the names of a set follow in sorted order, so which of them
+-- becomes the primary role on 13 does not depend on table order.
+local function role_names(roles)
+	local list, set_names = {}, {};
+	for k, v in pairs(roles) do
+		if type(k) == "number" then
+			list[k] = v;
+		elseif v and type(k) == "string" then
+			table.insert(set_names, k);
+		end
+	end
+	table.sort(set_names);
+	for _, name in ipairs(set_names) do table.insert(list, name); end
+	return list;
+end
+
+local function import_roles(username, roles)
+	local list = role_names(roles);
+	if usermanager.set_user_role then
+		if not list[1] then return; end
+		local ok, err = usermanager.set_user_role(username, module.host, list[1]);
+		if not ok then
+			module:log("error", "Could not set role %s for new user %s: %s", list[1], username, err);
+		end
+		for i = 2, #list do
+			local added, add_err = usermanager.add_user_secondary_role(username, module.host, list[i]);
+			if not added then
+				module:log("warn", "Could not add secondary role %s for new user %s: %s", list[i], username, add_err);
+			end
+		end
+	else
+		local set = {};
+		for _, name in ipairs(list) do set[name] = true; end
+		local ok, err = module:open_store("roles"):set(username, set);
+		if not ok then
+			module:log("error", "Could not store roles of new user %s: %s", username, err);
+		end
+	end
+end
+
 local require_encryption = module:get_option_boolean("c2s_require_encryption",
 	module:get_option_boolean("require_encryption", true));
 local invite_only = module:get_option_boolean("registration_invite_only", true);
--- Preauth guessing: after this many failed attempts from one IP within the period (seconds),
--- every preauth from that IP is refused until the period has passed.
-local throttle_max = module:get_option_number("invite_throttle_max", 10);
-local throttle_period = module:get_option_number("invite_throttle_period", 60);
+-- A whole number option of at least `min`; anything else is logged and the default used.
+local function count_option(name, default, min)
+	local value = module:get_option(name, default);
+	if type(value) ~= "number" or value < min or value ~= math.floor(value) or value > 2^31 then
+		module:log("error", "Option %s = %s is not a whole number of at least %d; using %d",
+			name, tostring(value), min, default);
+		return default;
+	end
+	return value;
+end
+
+-- Preauth guessing: the invite_throttle_max-th failed attempt from one address (IPv6: one
+-- /64) within the period (seconds) refuses every preauth from there for one period.
+-- invite_throttle_max = 0 turns the throttle off.
+local throttle_max = count_option("invite_throttle_max", 10, 0);
+local throttle_period = count_option("invite_throttle_period", 60, 1);
 -- Addresses tracked at once; beyond that the oldest windows are forgotten (bounded memory).
 local throttle_capacity = 10000;
 
 local invites, throttle;
 if prosody.process_type == "prosody" then
 	invites = module:depends("invites");
-	throttle = invites.new_throttle(throttle_max, throttle_period, throttle_capacity);
+	if throttle_max > 0 then
+		throttle = invites.new_throttle(throttle_max, throttle_period, throttle_capacity);
+	else
+		module:log("warn", "invite_throttle_max = 0: preauth guessing is not limited");
+		throttle = { allows = function () return true; end; failed = function () end };
+	end
 
 	if invite_only then
 		module:depends("register_ibr");
@@ -83,7 +143,7 @@ local function refuse_registration(event, name, text)
 	if text then e.text = text; end
 	event.allowed = false;
 	event.error = e;
-	-- COMPAT pre-util.error readers (mod_register_ibr in 0.11, mod_invites_register_web)
+	-- The older fields, for readers that predate util.error (mod_invites_register_web)
 	event.reason, event.error_type, event.error_condition = e.text, e.type, e.condition;
 end
 
@@ -205,45 +265,6 @@ local function subscribe(host, user_username, contact_username)
 	rostermanager.process_inbound_subscription_approval(user_username, host, contact_jid);
 end
 
--- COMPAT: Prosody 13 has a role API (primary role + secondary roles; invites carry a list);
--- 0.12 keeps a set of role names per user in the "roles" store. Invites may carry either
--- shape (made by 0.12 or 13 tooling), so both are read on both versions.
-local function role_names(roles)
-	local list = {};
-	for k, v in pairs(roles) do
-		if type(k) == "number" then
-			list[k] = v;
-		elseif v then
-			table.insert(list, k);
-		end
-	end
-	return list;
-end
-
-local function import_roles(username, roles)
-	local list = role_names(roles);
-	if usermanager.set_user_role then
-		if not list[1] then return; end
-		local ok, err = usermanager.set_user_role(username, module.host, list[1]);
-		if not ok then
-			module:log("error", "Could not set role %s for new user %s: %s", list[1], username, err);
-		end
-		for i = 2, #list do
-			local added, add_err = usermanager.add_user_secondary_role(username, module.host, list[i]);
-			if not added then
-				module:log("warn", "Could not add secondary role %s for new user %s: %s", list[i], username, add_err);
-			end
-		end
-	else
-		local set = {};
-		for _, name in ipairs(list) do set[name] = true; end
-		local ok, err = module:open_store("roles"):set(username, set);
-		if not ok then
-			module:log("error", "Could not store roles of new user %s: %s", username, err);
-		end
-	end
-end
-
 local function import_groups(username, groups)
 	local mod_groups = modulemanager.get_module(module.host, "groups_internal");
 	if not mod_groups then
@@ -320,8 +341,10 @@ local function send_presence_of_available_resources(username, host, contact)
 	end
 end
 
--- XEP-0379: Pre-Authenticated Roster Subscription
-module:hook("presence/bare", function (event)
+-- XEP-0379: Pre-Authenticated Roster Subscription. A subscribe addressed to a full JID is
+-- a subscription to the bare JID too (mod_presence), so it is handled, and its token
+-- removed before the roster keeps the stanza, in both places.
+local function preauth_subscription(event)
 	local stanza = event.stanza;
 	if stanza.attr.type ~= "subscribe" then return; end
 
@@ -336,20 +359,37 @@ module:hook("presence/bare", function (event)
 	local contact = jid_bare(stanza.attr.from);
 	if not username or not contact then return; end
 
+	-- Auto-approval tells the sender the token was good, so guesses count here as in preauth.
+	-- A refusal is not an error for the sender: the user approves or not, as without a token.
+	local origin, now = event.origin, os.time();
+	local ip = origin and origin.ip or "unknown";
+	if not throttle:allows(ip, now) then
+		count_rejection("throttled");
+		module:log("debug", "Subscription request to %s with an invite: too many failed attempts from its address", username);
+		return;
+	end
 	local invite, err = invites.get(token, username);
 	if not invite then
-		-- Not an error for the sender: normal manual approval applies.
+		if err ~= "internal-server-error" then
+			throttle:failed(ip, now);
+		end
+		count_rejection(err);
 		module:log("debug", "Subscription request to %s with an invalid invite (%s), leaving it to the user", username, err);
 		return;
 	end
-	local used, use_err = invite:use();
+	if rostermanager.is_contact_subscribed(username, host, contact) then
+		-- Already approved: mod_presence confirms it again; the invite stays for its contact.
+		module:log("debug", "Subscription invite %s: %s is already subscribed to %s", invite.id, contact, username);
+		return;
+	end
+	local used, use_err = invite:use(contact.." (subscription to "..username..")");
 	if not used then
+		count_rejection(use_err);
 		module:log("debug", "Subscription invite %s not usable: %s", invite.id, use_err);
 		return;
 	end
 
 	count_redemption(invite);
-	module:log("info", "Invite %s redeemed by %s (subscription to %s)", invite.id, contact, username);
 	if not (rostermanager.set_contact_pending_in(username, host, contact)
 		and rostermanager.subscribed(username, host, contact)) then
 		module:log("error", "Could not approve the subscription of %s to %s (invite %s spent)", contact, username, invite.id);
@@ -374,4 +414,6 @@ module:hook("presence/bare", function (event)
 		end
 	end
 	return true;
-end, 1);
+end
+module:hook("presence/bare", preauth_subscription, 1);
+module:hook("presence/full", preauth_subscription, 1);

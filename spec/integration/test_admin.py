@@ -129,6 +129,34 @@ async def test_timer_prunes_finished_records(server):
     assert server.log_lines(r"Pruned 1 finished invites")
 
 
+@pytest.mark.server_options(options={"invite_prune_interval": 1, "invite_retention": 0})
+async def test_timer_prunes_expired_records_nothing_in_the_server_touched(server):
+    """Invites made and expired outside the server (prosodyctl): the timer still finds them."""
+    ctl(server, "generate", "localhost", "--expires-after", "1s")
+    ctl(server, "generate", "localhost")
+    assert stored_records(server) == 2
+    await wait_until(lambda: stored_records(server) == 1, 10, "the timer to prune the expired invite")
+    assert server.log_lines(r"Pruned 1 finished invites")
+    assert not server.log_lines(r"Could not list the stored invites")
+
+
+@pytest.mark.server_options(options={"invite_prune_interval": 1, "invite_retention": 4})
+async def test_timer_keeps_finished_records_for_the_retention_time(server):
+    token = token_of(ctl(server, "generate", "localhost")[1])
+    _, listing, _ = ctl(server, "list", "localhost")
+    invite_id = listing.splitlines()[1].split()[0]
+    assert ctl(server, "revoke", "localhost", invite_id)[0] == 0
+    revoked_at = time.time()
+    # Two timer runs pass within the retention time: the record stays, `list --all` shows it.
+    await wait_until(lambda: time.time() >= revoked_at + 2.5, 5, "two timer runs")
+    assert stored_records(server) == 1
+    assert re.search(rf"^{invite_id}\s+register\s+revoked", ctl(server, "list", "localhost", "--all")[1], re.M)
+    await wait_until(lambda: stored_records(server) == 0, 10, "the timer to prune the revoked invite")
+    assert time.time() >= revoked_at + 3  # not before its retention time (whole seconds)
+    res = await xmpp.register_with_invite(server.port, token, "late", "pw")
+    assert res.preauth.condition == "item-not-found"
+
+
 @pytest.mark.server_options(options={"invite_throttle_max": 3, "invite_throttle_period": 3})
 async def test_throttle_engages_refuses_valid_tokens_and_lifts(server):
     valid = token_of(ctl(server, "generate", "localhost")[1])
@@ -146,7 +174,9 @@ async def test_throttle_engages_refuses_valid_tokens_and_lifts(server):
     assert res.ok, res
 
 
-async def test_metrics_count_creations_redemptions_and_rejections(make_server):
+def metrics_server(make_server, **options):
+    """A server with /metrics (mod_http_openmetrics); returns it and a function that reads
+    the page."""
     http_port = harness.free_port()
     server = make_server(
         extra_modules=["http_openmetrics"],
@@ -155,12 +185,19 @@ async def test_metrics_count_creations_redemptions_and_rejections(make_server):
             "statistics_interval": "manual",
             "http_ports": [http_port],
             "http_interfaces": ["127.0.0.1"],
+            **options,
         },
     )
 
     def metrics():
         with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=10) as r:
             return r.read().decode()
+
+    return server, metrics
+
+
+async def test_metrics_count_creations_redemptions_and_rejections(make_server):
+    server, metrics = metrics_server(make_server)
 
     def value(text, name, label):
         pattern = re.compile(r'^%s\{[^}]*%s[^}]*\} (\d+(?:\.\d+)?)' % (re.escape(name), re.escape(label)), re.M)
@@ -190,6 +227,46 @@ async def test_metrics_count_creations_redemptions_and_rejections(make_server):
     assert token not in after
 
 
+async def test_metrics_count_every_rejection_reason(make_server, make_user):
+    server, metrics = metrics_server(make_server, invite_throttle_max=4)
+
+    def rejected():
+        text = metrics()
+        return {m.group(1): float(m.group(2)) for m in re.finditer(
+            r'^prosody_mod_invites_register__rejected_total\{[^}]*reason="([^"]+)"[^}]*\} (\S+)', text, re.M)}
+
+    server.register_user("admin", "admin-secret")
+    c = await xmpp.login(server.port, "admin@localhost", "admin-secret")
+    make_user("romeo")
+    for_alice = token_of((await xmpp.call_hook(c, "create_account", "alice")).value["uri"])
+    expiring = (await xmpp.call_hook(c, "create_account", None, None, 1)).value
+    revoked = token_of(ctl(server, "generate", "localhost")[1])
+    assert (await xmpp.call_hook(c, "delete_account_invite", revoked)).value is True
+    contact = token_of((await xmpp.call_hook(c, "create_contact", "romeo", False)).value["uri"])
+    await wait_until(lambda: time.time() >= expiring["expires"] + 1, 5, "the invite to expire")
+    before = rejected()
+
+    async with xmpp.UnauthedSession(server.port) as s:
+        assert (await s.preauth(for_alice)).ok
+        assert (await s.register("mallory", "pw")).condition == "not-acceptable"  # username-mismatch
+        assert (await s.preauth(token_of(expiring["uri"]))).text == "This invitation has expired"
+        assert (await s.preauth(revoked)).text == "This invitation has been revoked"
+        assert (await s.preauth("nonsense")).text == "This invitation is not valid"
+    # XEP-0379 with a bad token counts too (the 4th failure from this address: throttle on).
+    j = await xmpp.login(server.port, "admin@localhost", "admin-secret")
+    xmpp.send_subscribe_with_preauth(j, "romeo@localhost", "nonsense" + contact[:4])
+    await j.wait_for(lambda st: st.xml.get("type") == "unavailable" and st["from"].bare == "romeo@localhost")
+    async with xmpp.UnauthedSession(server.port) as s:
+        assert (await s.preauth(for_alice)).condition == "policy-violation"
+    after = rejected()
+
+    def moved(reason):
+        return after.get(reason, 0) - before.get(reason, 0)
+
+    assert {r: moved(r) for r in ("username-mismatch", "expired", "revoked", "invalid", "throttled")} == {
+        "username-mismatch": 1, "expired": 1, "revoked": 1, "invalid": 2, "throttled": 1}, after
+
+
 @pytest.mark.server_options(extra_modules=["admin_shell"])
 async def test_admin_console_commands(server):
     def shell(command):
@@ -207,6 +284,68 @@ async def test_admin_console_commands(server):
     assert "Removed 1 used, revoked or expired invites" in shell("invite:prune('localhost')")
     res = await xmpp.register_with_invite(server.port, token, "zoe", "pw")
     assert res.preauth.condition == "item-not-found"
+
+
+@pytest.mark.server_options(extra_modules=["admin_shell"])
+async def test_admin_console_refuses_bad_input_with_one_line(server):
+    """0.12's console (on 13 the same commands are shell items, tested below). The first
+    command the server runs is a show: nothing else has opened the store before it."""
+    if harness.prosody_major_version() >= 13:
+        pytest.skip("Prosody 0.12's console; 13's shell items are tested below")
+    ctl(server, "generate", "localhost")
+    invite_id = ctl(server, "list", "localhost")[1].splitlines()[1].split()[0]
+
+    def shell(command):
+        rc, out, err = server.prosodyctl("shell", command)
+        return rc, (out + err).strip()
+
+    assert shell(f"invite:show('localhost', '{invite_id}')")[0] == 0
+    for command, line in [
+        ("invite:show('nosuch.example', 'abcd')", "Error: mod_invites is not loaded on nosuch.example"),
+        ("invite:show('localhost', 'ffffffff')", "Error: No such invite"),
+        ("invite:list()", "Error: Please give the host (or a JID) as the first argument"),
+        ("invite:create_account('localhost', {expires_after = '3x'})",
+         "Error: Invalid --expires-after: unknown unit: use s, m, h, d or w (e.g. 3d)"),
+        ("invite:create_account('localhost', {uses = 0})", "Error: --uses must be a whole number of at least 1"),
+        ("invite:create_account('bob@localhost', {uses = 2})",
+         "Error: --uses needs an invite for any username: give the host, not a JID"),
+    ]:
+        assert shell(command) == (1, line), command
+    # 0.12's console has what 13's shell has: flags as a table, create_reset.
+    rc, out = shell("invite:create_account('localhost', {uses = 2, expires_after = '2d'})")
+    assert rc == 0 and "xmpp:localhost?register;preauth=" in out
+    assert re.search(r"0/2\s+new account", ctl(server, "list", "localhost")[1])
+    assert "xmpp:alice@localhost?register;preauth=" in shell("invite:create_reset('alice@localhost')")[1]
+    assert shell(f"invite:revoke('localhost', '{invite_id}')")[0] == 0
+    assert shell(f"invite:revoke('localhost', '{invite_id}')") == (
+        1, f"Error: Invite {invite_id} is already revoked; nothing to revoke")
+
+
+@pytest.mark.server_options(extra_modules=["admin_shell"])
+async def test_prosody13_shell_refuses_bad_input_with_one_line(server):
+    if harness.prosody_major_version() < 13:
+        pytest.skip("Prosody 13's shell-command items; 0.12's console is tested above")
+    ctl(server, "generate", "localhost")
+    invite_id = ctl(server, "list", "localhost")[1].splitlines()[1].split()[0]
+
+    def shell(*args):
+        rc, out, err = server.prosodyctl("shell", "invite", *args)
+        return rc, (out + err).strip()
+
+    assert shell("show", "localhost", invite_id)[0] == 0
+    for args, line in [
+        (("show", "localhost", "ffffffff"), "No such invite"),
+        (("create_account", "localhost", "--expires-after", "3x"),
+         "Invalid --expires-after: unknown unit: use s, m, h, d or w (e.g. 3d)"),
+        (("create_account", "localhost", "--uses", "0"), "--uses must be a whole number of at least 1"),
+        (("create_account", "bob@localhost", "--uses", "2"),
+         "--uses needs an invite for any username: give the host, not a JID"),
+        (("revoke", "localhost", "0000"), "No such invite"),
+    ]:
+        rc, out = shell(*args)
+        assert rc != 0 and out.splitlines()[-1].endswith(line), (args, rc, out)
+    rc, out = shell("list", "nosuch.example")
+    assert rc != 0 and "nosuch.example" in out, out
 
 
 @pytest.mark.server_options(extra_modules=["admin_shell"])

@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+import harness
 import xmpp
 
 USED_TEXT = "This invitation has already been used"
@@ -242,8 +243,11 @@ async def test_4_expiry_is_judged_at_preauth(server, admin):
 # 5. XEP-0379 whether or not the inviter is online ------------------------------------
 
 
+@pytest.mark.parametrize("to_full_jid", [False, True], ids=["to-bare-jid", "to-full-jid"])
 @pytest.mark.parametrize("romeo_online", [False, True], ids=["inviter-offline", "inviter-online"])
-async def test_5_preauth_subscription_is_approved(server, admin, make_user, romeo_online):
+async def test_5_preauth_subscription_is_approved(server, admin, make_user, romeo_online, to_full_jid):
+    """Also when the subscribe is addressed to a full JID, which is a subscription to the
+    bare JID (RFC 6121) that Prosody handles on another path."""
     romeo = make_user("romeo")
     juliet = make_user("juliet")
     c = await admin_client(server, admin)
@@ -251,7 +255,7 @@ async def test_5_preauth_subscription_is_approved(server, admin, make_user, rome
 
     r = await xmpp.login(server.port, romeo.jid, romeo.password) if romeo_online else None
     j = await xmpp.login(server.port, juliet.jid, juliet.password)
-    xmpp.send_subscribe_with_preauth(j, romeo.jid, token)
+    xmpp.send_subscribe_with_preauth(j, romeo.jid + "/balcony" if to_full_jid else romeo.jid, token)
     await j.wait_presence("subscribed", romeo.jid)
     await j.wait_presence("subscribe", romeo.jid)
 
@@ -267,6 +271,44 @@ async def test_5_preauth_subscription_is_approved(server, admin, make_user, rome
     # The token reached neither storage (the roster keeps pending requests) nor the logs.
     assert server.grep_data(token) == []
     assert server.grep_logs(token) == []
+
+
+@pytest.mark.parametrize("to_full_jid", [False, True], ids=["to-bare-jid", "to-full-jid"])
+async def test_5_subscription_from_another_server_is_approved_and_its_token_not_kept(
+        server, admin, make_user, to_full_jid):
+    """A stanza from another server reaches Prosody as it was addressed: to a full JID it
+    takes Prosody's presence/full path, where the roster would keep it, token and all."""
+    romeo = make_user("romeo")
+    c = await admin_client(server, admin)
+    token = token_of((await api(c, "create_contact", "romeo", False)).value["uri"])
+    remote = "mercutio@remote.example"
+    await api(c, "deliver_subscribe", remote, romeo.jid + "/balcony" if to_full_jid else romeo.jid, token)
+
+    romeo_roster = (await api(c, "get_roster", "romeo")).value
+    assert romeo_roster[remote]["subscription"] == "from"  # approved by the invite
+    assert (await api(c, "get", token, "romeo")).value is None  # and spent
+    assert server.grep_data(token) == []
+    assert server.grep_logs(token) == []
+
+
+async def test_5_an_existing_subscription_does_not_spend_a_contact_invite(server, admin, make_user):
+    romeo = make_user("romeo")
+    juliet = make_user("juliet")
+    c = await admin_client(server, admin)
+    first = token_of((await api(c, "create_contact", "romeo", False)).value["uri"])
+    j = await xmpp.login(server.port, juliet.jid, juliet.password)
+    xmpp.send_subscribe_with_preauth(j, romeo.jid, first)
+    await j.wait_presence("subscribed", romeo.jid)
+
+    # Juliet is subscribed already: a second invite she sends is left for someone else.
+    second = token_of((await api(c, "create_contact", "romeo", False)).value["uri"])
+    mark = len(j.received)
+    xmpp.send_subscribe_with_preauth(j, romeo.jid, second)
+    # mod_presence handles it after our hook: romeo is offline, so it answers with his
+    # "unavailable" (its "subscribed" stays on the server: Juliet is subscribed already).
+    await j.wait_for(lambda s: s.xml.tag == f"{{{xmpp.NS_CLIENT}}}presence"
+                     and s.xml.get("type") == "unavailable" and s["from"].bare == romeo.jid, start=mark)
+    assert (await api(c, "get", second, "romeo")).value is not None
 
 
 # 6. A failed registration does not consume the invite --------------------------------
@@ -353,11 +395,44 @@ async def test_roles_from_a_list_primary_and_secondary(server, admin):
     assert (await xmpp.register_with_invite(server.port, token_of(invite["uri"]), "twohats", "pw")).ok
     roles = (await api(c, "get_roles", "twohats")).value
     assert roles == {"prosody:operator": True, "prosody:admin": True}
+    if harness.prosody_major_version() >= 13:
+        # The first role of the list is the primary one, the rest are secondary.
+        assert (await api(c, "get_primary_role", "twohats")).value == "prosody:operator"
 
 
-async def test_invite_expiry_accepts_a_period(make_server, admin):
-    server = make_server(options={"invite_expiry": "2 days"})
+@pytest.mark.server_options(extra_modules=["groups_internal"])  # a stand-in: see the plugin
+async def test_generate_group_adds_the_new_account_to_its_groups(server, admin):
+    token = token_of(server.generate_invite("--group", "crew", "--group", "band"))
+    assert (await xmpp.register_with_invite(server.port, token, "gina", "pw")).ok
+    c = await admin_client(server, admin)
+    assert (await api(c, "group_members", "crew")).value == {"gina": True}
+    assert (await api(c, "group_members", "band")).value == {"gina": True}
+
+
+@pytest.mark.server_options(options={"invites_page": "https://invite.example/#{invite.token}"})
+async def test_invites_page_option_makes_landing_pages_without_mod_invites_page(server, admin, make_user):
+    """As Prosody 13's own mod_invites does (for an external page such as easy-xmpp-invitation).
+    0.12's leaves the option to mod_invites_page, and so does ours there."""
+    if harness.prosody_major_version() < 13:
+        assert server.generate_invite().startswith("xmpp:localhost?register;preauth=")
+        return
+    page = server.generate_invite()
+    assert page.startswith("https://invite.example/#"), page
+    assert (await xmpp.register_with_invite(server.port, page.split("#", 1)[1], "lander", "pw")).ok
+    make_user("romeo")
+    c = await admin_client(server, admin)
+    with_registration = (await api(c, "create_contact", "romeo", True)).value
+    assert with_registration["landing_page"].startswith("https://invite.example/#")
+    # Contact-only invites are not among invites_page_supports' defaults.
+    assert "landing_page" not in (await api(c, "create_contact", "romeo", False)).value
+
+
+@pytest.mark.parametrize("period,seconds", [("2 days", 2 * 86400), ("12 hrs", 12 * 3600)])
+async def test_invite_expiry_accepts_a_period(make_server, admin, period, seconds):
+    """Periods as Prosody 13 reads them (on both versions), not only "N days"."""
+    server = make_server(options={"invite_expiry": period})
     server.register_user(admin.username, admin.password)
     c = await admin_client(server, admin)
     invite = (await api(c, "create_account")).value
-    assert invite["expires"] - invite["created_at"] == 2 * 86400
+    assert invite["expires"] - invite["created_at"] == seconds
+    assert not server.log_lines(r"invite_expiry.*not a period")  # understood: no complaint

@@ -27,6 +27,12 @@
 --   pending_account_invites()      the iterator collected into an array
 --   get_roster(username)           rostermanager.load_roster -> {jid = {subscription, ask, name, groups}}
 --   module_info()                  paths of the loaded invites modules
+--   deliver_subscribe(from, to, token)
+--                                  a subscribe with a <preauth/> from `from` (a remote JID)
+--                                  to `to` (bare or full), posted as an inbound stanza
+--                                  arrives from another server (no s2s needed)
+--   get_primary_role(username)     13 only: the primary role's name
+--   group_members(group_id)        what the mod_groups_internal stand-in recorded
 --
 -- Must work with both Prosody's own mod_invites and ours.
 
@@ -120,6 +126,13 @@ function helpers.get_roles(username)
 	return module:open_store("roles"):get(username);
 end
 
+-- Prosody 13 only: the primary role's name, or nil (0.12 has no primary role).
+function helpers.get_primary_role(username)
+	if not usermanager.get_user_role then return nil; end
+	local primary = usermanager.get_user_role(username, host);
+	return primary and primary.name or nil;
+end
+
 function helpers.pending_account_invites(...)
 	local f = invites.pending_account_invites;
 	if not f then return nil, "pending_account_invites not exported"; end
@@ -150,6 +163,18 @@ function helpers.get_roster(username)
 		end
 	end
 	return out;
+end
+
+function helpers.group_members(group_id)
+	return module:open_store("group_members"):get(group_id);
+end
+
+function helpers.deliver_subscribe(from, to, token)
+	local pres = st.presence({ type = "subscribe", from = from, to = to })
+		:tag("preauth", { xmlns = "urn:xmpp:pars:0", token = token }):up();
+	-- Posted by the host itself, as stanzas from other servers are: inbound handlers only.
+	prosody.core_post_stanza(prosody.hosts[host], pres);
+	return true;
 end
 
 function helpers.module_info()
