@@ -77,14 +77,14 @@ test-lua-versions:
 		INVITES_PLUGINS_DIR=$(CURDIR)/$(BUILD)/lua$$v/plugins $$lua /usr/bin/busted --lua=$$lua spec/core_spec.lua; \
 	done
 
-test-integration:
+test-integration: deps build
 	$(PYTHON) -m pytest -q spec/integration
 
 $(PROSODY13_READY):
 	sh .ci/prosody13 $(PROSODY13) "$(PROSODY13_VERSION)" "$(PROSODY13_MODULES_VERSION)"
 	touch $@
 
-test-prosody13: $(PROSODY13_READY)
+test-prosody13: deps build $(PROSODY13_READY)
 	PROSODY_BIN=$(CURDIR)/$(PROSODY13)/bin/prosody PROSODYCTL_BIN=$(CURDIR)/$(PROSODY13)/bin/prosodyctl \
 		$(PYTHON) -m pytest -q spec/integration
 

@@ -18,7 +18,7 @@ describe("prosodyctl mod_invites", function ()
 		printed = {};
 		env = setmetatable({
 			module = m;
-			prosody = { process_type = "prosodyctl", hosts = { ["example.com"] = {} } };
+			prosody = { process_type = "prosodyctl", hosts = { ["example.com"] = { users = { name = "internal_hashed" } } } };
 			print = function (...) table.insert(printed, table.concat({ ... }, " ")); end;
 		}, { __index = _G });
 		assert(loadfile(helpers.repo.."/lua/mod_invites/mod_invites.lua", "t", env))();

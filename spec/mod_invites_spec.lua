@@ -66,9 +66,10 @@ describe("mod_invites", function ()
 
 	describe("#create_account_reset()", function ()
 		it("should reset only an existing account", function ()
-			local env = load_invites();
+			local env, m = load_invites();
 			local invite = assert(env.create_account_reset("alice"));
 			assert.equal("alice", invite.additional_data.allow_reset);
+			assert.same({ reset = 1 }, m.metrics.created); -- counted as a reset, not a register
 			assert.equal(invite.created_at + 86400, invite.expires);
 			local valid = assert(env.get(invite.token));
 			assert.same({ nil, "account-not-found" }, { valid:reserve("alice") });

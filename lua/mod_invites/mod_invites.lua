@@ -166,7 +166,7 @@ local function create_invite(spec)
 	if not invite then
 		return nil, err; -- the core has logged what failed
 	end
-	created_metric:with_labels(spec.type):add(1);
+	created_metric:with_labels(spec.reset and "reset" or spec.type):add(1);
 	module:fire_event("invite-created", invite);
 	return invite;
 end
@@ -963,6 +963,12 @@ function module.command(arg)
 	local sm = require "core.storagemanager";
 	local mm = require "core.modulemanager";
 	sm.initialize_host(host);
+	-- The host's accounts, as prosodyctl's own commands load them: settling a reservation a
+	-- crash left behind (show, list, prune) asks whether its account exists.
+	local provider = prosody.hosts[host].users;
+	if not provider or provider.name == "null" then
+		usermanager.initialize_host(host);
+	end
 	module.host = host; --luacheck: ignore 122/module
 	open_book();
 

@@ -212,6 +212,24 @@ async def test_confirmation_that_cannot_be_written_still_never_grants_twice(faul
     assert re.search(r"\bused\b", out), out
 
 
+@pytest.mark.server_options(options={"invite_reservation_lease": 2})
+async def test_prosodyctl_sees_a_lapsed_reservation_whose_account_exists_as_spent(faulty_server, faults):
+    """As above, but nothing in the server looks at the invite after the lease lapses:
+    prosodyctl settles the reservation itself, which needs the host's accounts."""
+    server = faulty_server
+    token = token_of(server.generate_invite())
+    faults.set(fail("invites", "set", skip=1, times=1))  # reserve passes, confirm fails
+    assert (await registers(server, token, "alice")).ok
+    faults.clear()
+    lapsed = time.monotonic() + 2 + 1.5
+    await asyncio.sleep(max(0.0, lapsed - time.monotonic()))
+
+    rc, out, err = server.prosodyctl("mod_invites", "list", server.host, "--all")
+    assert rc == 0, err
+    assert re.search(r"register\s+used\s.*\s1/1\s", out), out
+    assert refusal(await registers(server, token, "bob")) == USED_TEXT
+
+
 # ---------------------------------------------------------------- creation and revocation
 
 
