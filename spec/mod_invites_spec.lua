@@ -167,6 +167,36 @@ describe("mod_invites", function ()
 		end);
 	end);
 
+	describe("housekeeping timer", function ()
+		it("should prune in batches, one per turn of the event loop, and keep what is pending", function ()
+			local env, m = load_invites({ invite_prune_interval = 3600, invite_retention = 0 });
+			assert.equal(60, m.timer.delay); -- first run a minute after start
+			local pending = assert(env.create_account());
+			for _ = 1, 450 do
+				assert.is_true(env.delete_account_invite(assert(env.create_account()).token));
+			end
+			local store = m:open_store("invites");
+			local function stored()
+				local n = 0;
+				for _ in store:users() do n = n + 1; end
+				return n;
+			end
+			assert.equal(451, stored());
+
+			assert.equal(3600, m.timer.fn()); -- the interval timer: starts a run, comes back in an hour
+			local turns = 1; -- the first batch ran in the interval timer's turn
+			repeat
+				assert.equal(0, m.timer.delay);
+				turns = turns + 1;
+			until m.timer.fn() ~= 0
+			assert.equal(3, turns); -- 451 records, 200 per turn
+			assert.equal(1, stored());
+			assert.truthy(env.get(pending.token));
+			local last = m.logs[#m.logs];
+			assert.same({ "info", "Pruned 450 finished invites" }, last);
+		end);
+	end);
+
 	describe("migration", function ()
 		it("should import Prosody's pending invites and remove the plaintext copies", function ()
 			local now = os.time();
