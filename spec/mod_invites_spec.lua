@@ -42,6 +42,22 @@ describe("mod_invites", function ()
 			invite = assert(env.create_account());
 			assert.equal(invite.created_at + 604800, invite.expires);
 			assert.equal("error", m.logs[1][1]);
+			env, m = load_invites({ invite_expiry = "never" });
+			invite = assert(env.create_account());
+			assert.equal(invite.created_at + 604800, invite.expires); -- invites always expire
+			assert.same({ "error", 'Option invite_expiry = "never" is not a usable period (false and "never" are not periods here); using 604800 seconds' }, m.logs[1]);
+		end);
+
+		it("should read zero and never as off for the prune timer, zero as at once for retention", function ()
+			for _, off in ipairs({ 0, "0s", "0 days", false, "never" }) do
+				local _, m = load_invites({ invite_prune_interval = off });
+				assert.is_nil(m.timer, tostring(off));
+				assert.same({}, m.logs, tostring(off));
+			end
+			local _, m = load_invites({ invite_retention = "0s", invite_prune_interval = "12 hrs" });
+			assert.same({}, m.logs);
+			assert.equal(60, m.timer.delay);
+			assert.equal(43200, m.timer.fn()); -- nothing stored: the run ends at once
 		end);
 
 		it("should bind a named account invite to that username", function ()

@@ -82,23 +82,32 @@ end
 local core = open_core();
 
 -- Seconds, or a period such as "1 week" or "3d" (Prosody 13 style) on every version, of at
--- least `min` seconds. With `can_be_off`, 0, false or "never" mean off (returns nil). A value
--- that is none of these is logged and the default used.
+-- least `min` seconds. With `can_be_off`, zero (0, "0s", …), false or "never" mean off
+-- (returns nil). A value that is none of these is logged and the default used.
 local function period_option(name, default, min, can_be_off)
 	local value = module:get_option(name, default);
-	if can_be_off and (value == 0 or value == false or value == "never") then
-		return nil;
-	end
 	local seconds, err;
-	if type(value) == "number" then
-		seconds = value >= min and value < 2^53 and math.floor(value) or nil;
-		err = ("less than %d seconds"):format(min);
+	if value == false or value == "never" then
+		err = "false and \"never\" are not periods here";
+	elseif type(value) == "number" then
+		if value >= 0 and value < 2^53 then
+			seconds = math.floor(value);
+		else
+			err = "not a number of seconds";
+		end
+	elseif type(value) == "string" and value:match("^%s*0+%s*%a*%s*$") then
+		seconds = 0; -- "0s", "0 days": the parser refuses zero, which means "at once" or "off" here
 	else
 		seconds, err = core.parse_duration(tostring(value));
 	end
-	if not seconds or seconds < min then
+	if can_be_off and (seconds == 0 or value == false or value == "never") then
+		return nil;
+	elseif seconds and seconds < min then
+		seconds, err = nil, ("less than %d seconds"):format(min);
+	end
+	if not seconds then
 		module:log("error", "Option %s = %q is not a usable period (%s); using %d seconds", name, tostring(value),
-			err or ("less than %d seconds"):format(min), default);
+			err, default);
 		return default;
 	end
 	return seconds;
@@ -235,6 +244,10 @@ end
 
 -- Create invitation to become a contact of a local user
 function create_contact(username, allow_registration, additional_data, ttl) --luacheck: ignore 131/create_contact
+	username = type(username) == "string" and nodeprep(username) or nil;
+	if not username or username == "" then
+		return nil, "username-invalid";
+	end
 	return create_invite({
 		type = "roster";
 		jid = username.."@"..module.host;
@@ -536,9 +549,13 @@ local function prune_in_background()
 	pruning = true;
 	local removed, failed, next_key = 0, 0, 1;
 	local function step()
-		local r, f;
-		r, f, next_key = prune_keys(keys, next_key, prune_batch, retention, now);
-		removed, failed = removed + r, failed + f;
+		local ok, r, f, after = pcall(prune_keys, keys, next_key, prune_batch, retention, now);
+		if not ok then -- an error, not a failure the core reports: end this run, keep the timer
+			pruning = false;
+			module:log("error", "Pruning finished invites stopped: %s", r);
+			return nil;
+		end
+		removed, failed, next_key = removed + r, failed + f, after;
 		if next_key then
 			return 0; -- again, on the next turn of the loop
 		end
@@ -585,17 +602,24 @@ local function when(t)
 end
 
 -- One line per invite; `all` includes used, expired and revoked ones.
+-- Streams the store (a listing never holds every record); nil, err if the store fails.
 function list_lines(all) --luacheck: ignore 131/list_lines
 	local invites, now = get_book(), os.time();
 	local lines = { ("%-10s  %-8s  %-8s  %-16s  %-16s  %-11s  %s"):format(
 		"ID", "TYPE", "STATUS", "CREATED (UTC)", "EXPIRES (UTC)", "USES", "FOR") };
-	for key in invite_store:users() do
-		local invite = invites:listed(key, now);
-		if invite and (all or invite.status == "pending" or invite.status == "reserved") then
-			table.insert(lines, ("%-10s  %-8s  %-8s  %-16s  %-16s  %-11s  %s"):format(
-				invite.id, invite.type, invite.status, when(invite.created_at), when(invite.expires),
-				uses_text(invite), describe_target(invite)));
+	local ok, err = pcall(function ()
+		for key in invite_store:users() do
+			local invite = invites:listed(key, now);
+			if invite and (all or invite.status == "pending" or invite.status == "reserved") then
+				table.insert(lines, ("%-10s  %-8s  %-8s  %-16s  %-16s  %-11s  %s"):format(
+					invite.id, invite.type, invite.status, when(invite.created_at), when(invite.expires),
+					uses_text(invite), describe_target(invite)));
+			end
 		end
+	end);
+	if not ok then
+		module:log("error", "Could not list the stored invites: %s", err);
+		return nil, "Could not list: the invite store failed (the error is logged)";
 	end
 	return lines;
 end
@@ -801,7 +825,8 @@ local admin_commands = {
 			return host, { all = all == true or all == "--all" };
 		end,
 		run = function (print, _, opts)
-			local lines = list_lines(flags_of(opts).all);
+			local lines, err = list_lines(flags_of(opts).all);
+			if not lines then return nil, err; end
 			print_lines(print, lines);
 			return true, ("%d invites"):format(#lines - 1);
 		end };
@@ -906,7 +931,9 @@ end
 function commands.list(invites, arg)
 	local all = arg[1] == "--all";
 	if not no_more(arg, all and 1 or 0) then return 2; end
-	for _, line in ipairs(invites.list_lines(all)) do print(line); end
+	local lines, err = invites.list_lines(all);
+	if not lines then print(err); return 1; end
+	for _, line in ipairs(lines) do print(line); end
 	return 0;
 end
 

@@ -359,27 +359,31 @@ local function preauth_subscription(event)
 	local contact = jid_bare(stanza.attr.from);
 	if not username or not contact then return; end
 
-	-- Auto-approval tells the sender the token was good, so guesses count here as in preauth.
-	-- A refusal is not an error for the sender: the user approves or not, as without a token.
+	if rostermanager.is_contact_subscribed(username, host, contact) then
+		-- Already approved: mod_presence confirms it again; any invite stays for its contact.
+		module:log("debug", "Subscription request with an invite: %s is already subscribed to %s", contact, username);
+		return;
+	end
+
+	-- Auto-approval tells the sender the token was good, so guesses count here as in preauth:
+	-- per address for a local client, per sending domain for another server (whose address
+	-- all its users share). Only unknown tokens count: a contact re-sending an old link is
+	-- not guessing. A refusal is not an error for the sender: the user approves or not.
 	local origin, now = event.origin, os.time();
-	local ip = origin and origin.ip or "unknown";
-	if not throttle:allows(ip, now) then
+	local guesser = origin and origin.type == "c2s" and origin.ip
+		or "xmpp:"..(select(2, jid_split(contact)) or "unknown");
+	if not throttle:allows(guesser, now) then
 		count_rejection("throttled");
-		module:log("debug", "Subscription request to %s with an invite: too many failed attempts from its address", username);
+		module:log("debug", "Subscription request to %s with an invite: too many failed attempts from its sender", username);
 		return;
 	end
 	local invite, err = invites.get(token, username);
 	if not invite then
-		if err ~= "internal-server-error" then
-			throttle:failed(ip, now);
+		if err == "token-invalid" then
+			throttle:failed(guesser, now);
 		end
 		count_rejection(err);
 		module:log("debug", "Subscription request to %s with an invalid invite (%s), leaving it to the user", username, err);
-		return;
-	end
-	if rostermanager.is_contact_subscribed(username, host, contact) then
-		-- Already approved: mod_presence confirms it again; the invite stays for its contact.
-		module:log("debug", "Subscription invite %s: %s is already subscribed to %s", invite.id, contact, username);
 		return;
 	end
 	local used, use_err = invite:use(contact.." (subscription to "..username..")");

@@ -435,4 +435,4 @@ async def test_invite_expiry_accepts_a_period(make_server, admin, period, second
     c = await admin_client(server, admin)
     invite = (await api(c, "create_account")).value
     assert invite["expires"] - invite["created_at"] == seconds
-    assert not server.log_lines(r"invite_expiry.*not a period")  # understood: no complaint
+    assert not server.log_lines(r"invite_expiry.*not a usable period")  # understood: no complaint
