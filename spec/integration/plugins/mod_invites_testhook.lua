@@ -33,6 +33,7 @@
 --                                  arrives from another server (no s2s needed)
 --   get_primary_role(username)     13 only: the primary role's name
 --   group_members(group_id)        what the mod_groups_internal stand-in recorded
+--   collect_garbage()              a full Lua GC (finalizes statements a driver left open)
 --
 -- Must work with both Prosody's own mod_invites and ours.
 
@@ -163,6 +164,12 @@ function helpers.get_roster(username)
 		end
 	end
 	return out;
+end
+
+function helpers.collect_garbage()
+	collectgarbage("collect");
+	collectgarbage("collect");
+	return true;
 end
 
 function helpers.group_members(group_id)
