@@ -77,6 +77,7 @@ describe("mod_invites", function ()
 			assert.is_true(env.is_username_reserved("alice"));
 			assert.is_true(assert(env.get(invite.token)):reserve("alice"));
 			assert.same({ nil, "username-invalid" }, { env.create_account("a b@c") });
+			assert.equal("xmpp:alice@example.com", assert(env.create_contact("Alice", false)).uri:match("^[^?]+"));
 		end);
 	end);
 
