@@ -62,7 +62,7 @@ fn main() {
         black_box(Token::parse(black_box("AbCdEfGhIjKlMnOpQrStUvWx")).is_ok());
     });
 
-    let book = Invites::new(MemoryBackend::new());
+    let book = Invites::new(MemoryBackend::new(), "example.com");
     let created = book.create(spec(), 1000).expect("create");
     let text = created.record.encode();
     let key = created.key.clone();
@@ -77,18 +77,18 @@ fn main() {
     });
 
     // Whole operations through the core, over the in-memory backend.
-    let book = Invites::new(MemoryBackend::new());
+    let book = Invites::new(MemoryBackend::new(), "example.com");
     measure("create (generate, hash, encode, store)", 500, |_| {
         black_box(book.create(spec(), 1000).expect("create"));
     });
     let token = book.create(spec(), 1000).expect("create").token;
     let token = token.expose().to_owned();
     measure("get / validate a valid token", 2000, |_| {
-        black_box(book.validate(&token, None, 1500).is_ok());
+        black_box(book.validate(&token, None, "example.com", 1500).is_ok());
     });
     measure("get / validate an unknown token", 2000, |_| {
         black_box(
-            book.validate("UnknownUnknownUnknown123", None, 1500)
+            book.validate("UnknownUnknownUnknown123", None, "example.com", 1500)
                 .is_err(),
         );
     });
@@ -110,7 +110,11 @@ fn main() {
             validated_at: 1500,
             lease_until: 1620,
         };
-        book.reserve(&tokens[i], &claim, 1500).expect("reserve");
-        black_box(book.confirm(&tokens[i], "h", 1500).expect("confirm"));
+        book.reserve(&tokens[i], &claim, "example.com", 1500)
+            .expect("reserve");
+        black_box(
+            book.confirm(&tokens[i], "h", "example.com", 1500)
+                .expect("confirm"),
+        );
     });
 }

@@ -12,6 +12,7 @@ describe("prosody_invites core", function ()
 		store, names = helpers.memory_store(), helpers.memory_store();
 		logs = {};
 		book = core.new({
+			host = "example.com";
 			invites = store;
 			names = names;
 			log = function (level, message) table.insert(logs, { level, message }); end;
@@ -26,10 +27,14 @@ describe("prosody_invites core", function ()
 
 	describe("#new()", function ()
 		it("should raise on a missing store", function ()
-			helpers.raises(function () core.new({ names = names }); end,
+			helpers.raises(function () core.new({ host = "example.com", names = names }); end,
 				"bad field 'invites' in argument to 'new' (store expected, got nil)");
 			helpers.raises(function () core.new("x"); end,
 				"bad argument #1 to 'new' (table expected, got string)");
+		end);
+		it("should raise without the host the book serves", function ()
+			helpers.raises(function () core.new({ invites = store, names = names }); end,
+				"bad field 'host' in argument to 'new' (non-empty string expected, got nil)");
 		end);
 	end);
 
@@ -82,7 +87,7 @@ describe("prosody_invites core", function ()
 	describe("#get()", function ()
 		it("should rebuild token and uri from the token it was given", function ()
 			local created = assert(book:create(account(), now));
-			local invite = assert(book:get(created.token, nil, now + 1));
+			local invite = assert(book:get(created.token, nil, "example.com", now + 1));
 			assert.equal(created.token, invite.token);
 			assert.equal(created.uri, invite.uri);
 			assert.equal("pending", invite.status);
@@ -90,13 +95,13 @@ describe("prosody_invites core", function ()
 
 		it("should name each refusal", function ()
 			local created = assert(book:create(account(), now));
-			assert.same({ nil, "token-expired" }, { book:get(created.token, nil, now + 3601) });
-			assert.same({ nil, "token-invalid" }, { book:get("unknown", nil, now) });
-			assert.same({ nil, "token-invalid" }, { book:get("odd token \0", nil, now) });
-			assert.same({ nil, "token-invalid" }, { book:get(("x"):rep(1000), nil, now) });
-			assert.same({ nil, "no-token" }, { book:get(nil, nil, now) });
-			assert.same({ nil, "token-invalid" }, { book:get(created.token, "romeo", now) });
-			helpers.raises(function () book:get(42, nil, now); end);
+			assert.same({ nil, "token-expired" }, { book:get(created.token, nil, "example.com", now + 3601) });
+			assert.same({ nil, "token-invalid" }, { book:get("unknown", nil, "example.com", now) });
+			assert.same({ nil, "token-invalid" }, { book:get("odd token \0", nil, "example.com", now) });
+			assert.same({ nil, "token-invalid" }, { book:get(("x"):rep(1025), nil, "example.com", now) });
+			assert.same({ nil, "no-token" }, { book:get(nil, nil, "example.com", now) });
+			assert.same({ nil, "token-invalid" }, { book:get(created.token, "romeo", "example.com", now) });
+			helpers.raises(function () book:get(42, nil, "example.com", now); end);
 		end);
 
 		it("should treat a corrupt record as invalid and log it once, without the token", function ()
@@ -105,7 +110,7 @@ describe("prosody_invites core", function ()
 				local key = helpers.only_key_for(store.data, created.id);
 				store.data[key] = corrupt;
 				local before = #logs;
-				assert.same({ nil, "token-invalid" }, { book:get(created.token, nil, now) });
+				assert.same({ nil, "token-invalid" }, { book:get(created.token, nil, "example.com", now) });
 				assert.equal(before + 1, #logs);
 				assert.equal("warn", logs[#logs][1]);
 				assert.truthy(logs[#logs][2]:find(created.id, 1, true));
@@ -116,7 +121,25 @@ describe("prosody_invites core", function ()
 		it("should survive a store that raises", function ()
 			local created = assert(book:create(account(), now));
 			store.raise = "boom";
-			assert.same({ nil, "internal-server-error" }, { book:get(created.token, nil, now) });
+			assert.same({ nil, "internal-server-error" }, { book:get(created.token, nil, "example.com", now) });
+		end);
+	end);
+
+	describe("host", function ()
+		it("should refuse every use of an invite for another host, before any lookup", function ()
+			local created = assert(book:create(account(), now));
+			local other = "b.example.com";
+			assert.same({ nil, "wrong-host" }, { book:get(created.token, nil, other, now) });
+			assert.same({ nil, "wrong-host" }, { book:get("unknown", nil, other, now) });
+			assert.same({ nil, "wrong-host" }, { book:reserve(created.token, { holder = "h", username = "alice",
+				validated_at = now, lease_until = now + 60 }, other, now) });
+			assert.same({ nil, "wrong-host" }, { book:confirm(created.token, "h", other, now) });
+			assert.same({ nil, "wrong-host" }, { book:use(created.token, nil, other, now) });
+			-- Nothing was spent: the invite still works on its own host.
+			assert.equal(1, assert(book:get(created.token, nil, "example.com", now)).uses_left);
+			helpers.raises(function () book:reserve(created.token, { holder = "h", username = "alice",
+				validated_at = now, lease_until = now + 60 }, nil, now); end,
+				"bad argument #3 to 'reserve' (string expected, got nil)");
 		end);
 	end);
 
@@ -128,34 +151,34 @@ describe("prosody_invites core", function ()
 
 		it("should let one single-use invite create one account", function ()
 			local created = assert(book:create(account(), now));
-			assert(book:reserve(created.token, claim("a", "alice"), now));
-			assert.same({ nil, "token-used" }, { book:reserve(created.token, claim("b", "bob"), now) });
-			assert(book:confirm(created.token, "a", now));
-			assert.same({ nil, "token-used" }, { book:get(created.token, nil, now) });
+			assert(book:reserve(created.token, claim("a", "alice"), "example.com", now));
+			assert.same({ nil, "token-used" }, { book:reserve(created.token, claim("b", "bob"), "example.com", now) });
+			assert(book:confirm(created.token, "a", "example.com", now));
+			assert.same({ nil, "token-used" }, { book:get(created.token, nil, "example.com", now) });
 		end);
 
 		it("should give the use back on release", function ()
 			local created = assert(book:create(account(), now));
-			assert(book:reserve(created.token, claim("a", "alice"), now));
+			assert(book:reserve(created.token, claim("a", "alice"), "example.com", now));
 			assert.is_true(book:release(created.token, "a"));
 			assert.is_false(book:release(created.token, "a"));
-			assert(book:reserve(created.token, claim("b", "bob"), now));
+			assert(book:reserve(created.token, claim("b", "bob"), "example.com", now));
 		end);
 
 		it("should keep a bound name for its invite", function ()
 			local bound = assert(book:create(account({ jid = "alice@example.com", username = "alice" }), now));
 			local other = assert(book:create(account(), now));
 			assert.is_true(book:username_reserved("alice", now));
-			assert.same({ nil, "username-reserved" }, { book:reserve(other.token, claim("o", "alice"), now) });
-			assert.same({ nil, "username-mismatch" }, { book:reserve(bound.token, claim("b", "mallory"), now) });
-			assert(book:reserve(bound.token, claim("b", "alice"), now));
+			assert.same({ nil, "username-reserved" }, { book:reserve(other.token, claim("o", "alice"), "example.com", now) });
+			assert.same({ nil, "username-mismatch" }, { book:reserve(bound.token, claim("b", "mallory"), "example.com", now) });
+			assert(book:reserve(bound.token, claim("b", "alice"), "example.com", now));
 		end);
 
 		it("should check claim fields", function ()
 			local created = assert(book:create(account(), now));
-			helpers.raises(function () book:reserve(created.token, { username = "x" }, now); end);
+			helpers.raises(function () book:reserve(created.token, { username = "x" }, "example.com", now); end);
 			helpers.raises(function ()
-				book:reserve(created.token, { holder = "h", username = "x", validated_at = "soon", lease_until = 1 }, now);
+				book:reserve(created.token, { holder = "h", username = "x", validated_at = "soon", lease_until = 1 }, "example.com", now);
 			end);
 		end);
 	end);
@@ -164,8 +187,8 @@ describe("prosody_invites core", function ()
 		it("should stop the invite at once", function ()
 			local created = assert(book:create(account(), now));
 			assert(book:revoke(created.token, now));
-			assert.same({ nil, "token-revoked" }, { book:get(created.token, nil, now) });
-			assert.same({ nil, "token-revoked" }, { book:use(created.token, nil, now) });
+			assert.same({ nil, "token-revoked" }, { book:get(created.token, nil, "example.com", now) });
+			assert.same({ nil, "token-revoked" }, { book:use(created.token, nil, "example.com", now) });
 		end);
 	end);
 
@@ -187,7 +210,7 @@ describe("prosody_invites core", function ()
 				created_at = now - 10, expires = now + 10, token = "LegacyToken12345" };
 			assert.is_true(book:import_legacy("LegacyToken12345", legacy, nil, now));
 			assert.is_false(book:import_legacy("LegacyToken12345", legacy, nil, now));
-			assert(book:get("LegacyToken12345", nil, now));
+			assert(book:get("LegacyToken12345", nil, "example.com", now));
 			assert.is_nil(helpers.dump(store.data):find("LegacyToken12345", 1, true));
 		end);
 	end);

@@ -66,8 +66,8 @@ describe("mod_invites", function ()
 			assert.equal("xmpp:alice@example.com?register;preauth="..invite.token, invite.uri);
 			assert.is_true(env.is_username_reserved("alice"));
 			local valid = assert(env.get(invite.token));
-			assert.same({ nil, "username-mismatch" }, { valid:reserve("mallory") });
-			assert.is_true(valid:reserve("alice"));
+			assert.same({ nil, "username-mismatch" }, { valid:reserve("mallory", "example.com") });
+			assert.is_true(valid:reserve("alice", "example.com"));
 		end);
 
 		it("should bind the username as registration normalises it", function ()
@@ -75,7 +75,7 @@ describe("mod_invites", function ()
 			local invite = assert(env.create_account("Alice"));
 			assert.equal("xmpp:alice@example.com?register;preauth="..invite.token, invite.uri);
 			assert.is_true(env.is_username_reserved("alice"));
-			assert.is_true(assert(env.get(invite.token)):reserve("alice"));
+			assert.is_true(assert(env.get(invite.token)):reserve("alice", "example.com"));
 			assert.same({ nil, "username-invalid" }, { env.create_account("a b@c") });
 			assert.equal("xmpp:alice@example.com", assert(env.create_contact("Alice", false)).uri:match("^[^?]+"));
 		end);
@@ -89,12 +89,28 @@ describe("mod_invites", function ()
 			assert.same({ reset = 1 }, m.metrics.created); -- counted as a reset, not a register
 			assert.equal(invite.created_at + 86400, invite.expires);
 			local valid = assert(env.get(invite.token));
-			assert.same({ nil, "account-not-found" }, { valid:reserve("alice") });
-			assert.same({ nil, "username-mismatch" }, { valid:reserve("mallory") });
+			assert.same({ nil, "account-not-found" }, { valid:reserve("alice", "example.com") });
+			assert.same({ nil, "username-mismatch" }, { valid:reserve("mallory", "example.com") });
 			existing_users.alice = true;
-			assert.is_true(valid:reserve("alice"));
-			assert.is_true(valid:confirm());
+			assert.is_true(valid:reserve("alice", "example.com"));
+			assert.is_true(valid:confirm("alice", "example.com"));
 			assert.same({ nil, "token-used" }, { env.get(invite.token) });
+		end);
+	end);
+
+	describe("#get() host", function ()
+		it("should refuse an invite for another host, everywhere it can be used", function ()
+			local env = load_invites();
+			local invite = assert(env.create_account());
+			assert.same({ nil, "wrong-host" }, { env.get(invite.token, nil, "b.example.com") });
+			local valid = assert(env.get(invite.token));
+			assert.same({ nil, "wrong-host" }, { valid:reserve("alice", "b.example.com") });
+			assert.is_true(valid:reserve("alice", "example.com"));
+			assert.same({ nil, "wrong-host" }, { valid:confirm("alice", "b.example.com") });
+			assert.same({ nil, "wrong-host" }, { valid:use(nil, "b.example.com") });
+			-- Nothing spent; get_account_invite_info still sees it on its own host.
+			assert.equal(1, assert(env.get_account_invite_info(invite.token)).uses_left);
+			assert.is_true(valid:confirm("alice", "example.com"));
 		end);
 	end);
 
@@ -134,23 +150,23 @@ describe("mod_invites", function ()
 			local env = load_invites();
 			local invite = assert(env.create_account());
 			local a, b = assert(env.get(invite.token)), assert(env.get(invite.token));
-			assert.is_true(a:reserve("alice"));
-			assert.same({ nil, "token-used" }, { b:reserve("bob") });
+			assert.is_true(a:reserve("alice", "example.com"));
+			assert.same({ nil, "token-used" }, { b:reserve("bob", "example.com") });
 			assert.is_true(a:release());
-			assert.is_true(b:reserve("bob"));
-			assert.is_true(b:confirm());
+			assert.is_true(b:reserve("bob", "example.com"));
+			assert.is_true(b:confirm("alice", "example.com"));
 			-- The same validated invite cannot register a second account.
-			assert.same({ nil, "token-used" }, { b:reserve("carol") });
+			assert.same({ nil, "token-used" }, { b:reserve("carol", "example.com") });
 		end);
 
 		it("should not let a reusable invite register twice from one session", function ()
 			local env = load_invites();
 			local invite = assert(env.create_group({}, nil, 600));
 			local v = assert(env.get(invite.token));
-			assert.is_true(v:reserve("a1"));
-			assert.is_true(v:confirm());
-			assert.same({ nil, "token-used" }, { v:reserve("a2") });
-			assert.is_true(assert(env.get(invite.token)):reserve("a2"));
+			assert.is_true(v:reserve("a1", "example.com"));
+			assert.is_true(v:confirm("alice", "example.com"));
+			assert.same({ nil, "token-used" }, { v:reserve("a2", "example.com") });
+			assert.is_true(assert(env.get(invite.token)):reserve("a2", "example.com"));
 		end);
 	end);
 
@@ -160,7 +176,7 @@ describe("mod_invites", function ()
 			local invite = assert(env.create_account());
 			local valid = assert(env.get(invite.token));
 			assert.is_true(env.delete_account_invite(invite.token));
-			assert.same({ nil, "token-revoked" }, { valid:reserve("alice") });
+			assert.same({ nil, "token-revoked" }, { valid:reserve("alice", "example.com") });
 			assert.same({ nil, "token-revoked" }, { env.get(invite.token) });
 			assert.same({ nil, "token-invalid" }, { env.delete_account_invite("unknown") });
 		end);

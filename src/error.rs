@@ -28,13 +28,16 @@ pub enum InviteError {
     UsernameTaken,
     /// A password-reset invite names an account that does not exist.
     AccountNotFound,
+    /// The invite belongs to another virtual host than the one acting on it (a stream
+    /// opened to one host that presents, or registers with, another host's invite).
+    WrongHost,
     /// Storage failed or returned something unreadable; nothing was changed.
     Storage,
 }
 
 impl InviteError {
     /// Every variant, for checks that must cover them all.
-    pub const ALL: [InviteError; 10] = [
+    pub const ALL: [InviteError; 11] = [
         InviteError::NoToken,
         InviteError::TokenInvalid,
         InviteError::TokenExpired,
@@ -44,6 +47,7 @@ impl InviteError {
         InviteError::UsernameReserved,
         InviteError::UsernameTaken,
         InviteError::AccountNotFound,
+        InviteError::WrongHost,
         InviteError::Storage,
     ];
 
@@ -59,6 +63,7 @@ impl InviteError {
             InviteError::UsernameReserved => "username-reserved",
             InviteError::UsernameTaken => "username-taken",
             InviteError::AccountNotFound => "account-not-found",
+            InviteError::WrongHost => "wrong-host",
             InviteError::Storage => "internal-server-error",
         }
     }

@@ -3,6 +3,12 @@
 //! `Invites` owns the storage layout (see `record.rs`) and applies the state machine
 //! (see `state.rs`). It never reads more than the records an operation is about, and it
 //! logs only short ids, never tokens.
+//!
+//! One `Invites` serves one virtual host. Every operation that lets an invite do
+//! something (validate, reserve, confirm, consume) is told which host it acts for, and
+//! refuses with `wrong-host` unless that is this host and the invite's: Prosody routes an
+//! unauthenticated stream's stanzas to whichever host they name, so a hook of one host can
+//! be handed an invite checked by another.
 
 use serde_json::Value;
 
@@ -75,15 +81,51 @@ pub struct LegacyInvite {
 
 pub struct Invites<B: Backend> {
     backend: B,
+    /// The virtual host whose invites these are.
+    host: String,
 }
 
 impl<B: Backend> Invites<B> {
-    pub fn new(backend: B) -> Invites<B> {
-        Invites { backend }
+    pub fn new(backend: B, host: &str) -> Invites<B> {
+        Invites {
+            backend,
+            host: host.to_ascii_lowercase(),
+        }
     }
 
     pub fn backend(&self) -> &B {
         &self.backend
+    }
+
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    /// Refuses to act for another host. Checked before any lookup, so a refusal says
+    /// nothing about the token.
+    fn acting_here(&self, host: &str) -> Result<(), InviteError> {
+        if host.eq_ignore_ascii_case(&self.host) {
+            Ok(())
+        } else {
+            Err(InviteError::WrongHost)
+        }
+    }
+
+    /// Refuses a record made for another host (copied data, a store shared by mistake).
+    fn made_here(&self, key: &str, record: &InviteRecord) -> Result<(), InviteError> {
+        if record.host().eq_ignore_ascii_case(&self.host) {
+            return Ok(());
+        }
+        self.backend.log(
+            Level::Warn,
+            &format!(
+                "invite {} is stored for {} but names {}; refused",
+                short_id_of_key(key),
+                self.host,
+                record.host()
+            ),
+        );
+        Err(InviteError::WrongHost)
     }
 
     fn storage_failed(&self, what: &str, id: &str, e: &StoreError) -> InviteError {
@@ -155,6 +197,15 @@ impl<B: Backend> Invites<B> {
         Ok(Found { key, record })
     }
 
+    /// `find` for an operation acting for `host`: refused unless that is this host and the
+    /// invite's.
+    fn find_for(&self, token: &str, host: &str) -> Result<Found, InviteError> {
+        self.acting_here(host)?;
+        let found = self.find(token)?;
+        self.made_here(&found.key, &found.record)?;
+        Ok(found)
+    }
+
     pub fn create(&self, spec: NewInvite, now: i64) -> Result<Created, InviteError> {
         let token = Token::generate();
         let hash = token.hash();
@@ -198,14 +249,15 @@ impl<B: Backend> Invites<B> {
     }
 
     /// A valid invite for `token`, for account creation (`contact_of` = None) or for
-    /// subscribing to the local user `contact_of` (XEP-0379).
+    /// subscribing to the local user `contact_of` (XEP-0379), on `host`.
     pub fn validate(
         &self,
         token: &str,
         contact_of: Option<&str>,
+        host: &str,
         now: i64,
     ) -> Result<Found, InviteError> {
-        let mut found = self.find(token)?;
+        let mut found = self.find_for(token, host)?;
         if self.settle(&mut found.record, now, None)? {
             // Written so listings show it too; if that fails (logged), checking goes on
             // from the settled copy: a read must not fail for want of a write.
@@ -228,9 +280,16 @@ impl<B: Backend> Invites<B> {
         Ok(found)
     }
 
-    /// Holds one use for the registration `claim` describes; see `state.rs`.
-    pub fn reserve(&self, token: &str, claim: &Claim<'_>, now: i64) -> Result<Found, InviteError> {
-        let Found { key, mut record } = self.find(token)?;
+    /// Holds one use for the registration `claim` describes, of an account on `host`; see
+    /// `state.rs`.
+    pub fn reserve(
+        &self,
+        token: &str,
+        claim: &Claim<'_>,
+        host: &str,
+        now: i64,
+    ) -> Result<Found, InviteError> {
+        let Found { key, mut record } = self.find_for(token, host)?;
         self.settle(&mut record, now, None)?;
         record.reserve(claim, now)?;
         if record.username.as_deref() != Some(claim.username) && record.reset.is_none() {
@@ -243,9 +302,15 @@ impl<B: Backend> Invites<B> {
         Ok(Found { key, record })
     }
 
-    /// The registration holding `holder` succeeded.
-    pub fn confirm(&self, token: &str, holder: &str, now: i64) -> Result<Found, InviteError> {
-        let Found { key, mut record } = self.find(token)?;
+    /// The registration holding `holder` (of an account on `host`) succeeded.
+    pub fn confirm(
+        &self,
+        token: &str,
+        holder: &str,
+        host: &str,
+        now: i64,
+    ) -> Result<Found, InviteError> {
+        let Found { key, mut record } = self.find_for(token, host)?;
         self.settle(&mut record, now, Some(holder))?;
         let outcome = record.confirm(holder, now);
         if outcome.is_err() {
@@ -273,14 +338,15 @@ impl<B: Backend> Invites<B> {
         Ok(true)
     }
 
-    /// Spends one use directly (`invite:use()`, accepted XEP-0379 subscriptions).
+    /// Spends one use directly (`invite:use()`, accepted XEP-0379 subscriptions), on `host`.
     pub fn consume(
         &self,
         token: &str,
         contact_of: Option<&str>,
+        host: &str,
         now: i64,
     ) -> Result<Found, InviteError> {
-        let Found { key, mut record } = self.validate(token, contact_of, now)?;
+        let Found { key, mut record } = self.validate(token, contact_of, host, now)?;
         record.consume(now)?;
         self.save(&key, &record)?;
         self.after_change(&key, &record);
@@ -390,12 +456,13 @@ impl<B: Backend> Invites<B> {
         legacy: LegacyInvite,
         now: i64,
     ) -> Result<bool, InviteError> {
-        let token = Token::parse(token)?;
-        let hash = token.hash();
-        let key = hash.key();
+        // An expired entry is dropped whatever its token looks like.
         if now > legacy.expires {
             return Ok(false);
         }
+        let token = Token::parse(token)?;
+        let hash = token.hash();
+        let key = hash.key();
         match self.backend.get(Space::Invites, &key) {
             Ok(Some(_)) => return Ok(false),
             Ok(None) => {}
@@ -544,8 +611,10 @@ mod tests {
     use super::*;
     use crate::store::MemoryBackend;
 
+    const HOST: &str = "example.com";
+
     fn book() -> Invites<MemoryBackend> {
-        Invites::new(MemoryBackend::new())
+        Invites::new(MemoryBackend::new(), HOST)
     }
 
     fn account(username: Option<&str>) -> NewInvite {
@@ -625,23 +694,26 @@ mod tests {
         let b = book();
         let c = b.create(account(None), 1000).unwrap();
         let t = c.token.expose();
-        assert!(b.validate(t, None, 1050).is_ok());
+        assert!(b.validate(t, None, HOST, 1050).is_ok());
         assert_eq!(
-            b.validate(t, None, 1101).err(),
+            b.validate(t, None, HOST, 1101).err(),
             Some(InviteError::TokenExpired)
         );
         assert_eq!(
-            b.validate("unknown", None, 1050).err(),
+            b.validate("unknown", None, HOST, 1050).err(),
             Some(InviteError::TokenInvalid)
         );
         assert_eq!(
-            b.validate("bad token!", None, 1050).err(),
+            b.validate("bad token!", None, HOST, 1050).err(),
             Some(InviteError::TokenInvalid)
         );
-        assert_eq!(b.validate("", None, 1050).err(), Some(InviteError::NoToken));
+        assert_eq!(
+            b.validate("", None, HOST, 1050).err(),
+            Some(InviteError::NoToken)
+        );
         // An account invite is no contact invite.
         assert_eq!(
-            b.validate(t, Some("romeo"), 1050).err(),
+            b.validate(t, Some("romeo"), HOST, 1050).err(),
             Some(InviteError::TokenInvalid)
         );
     }
@@ -652,22 +724,23 @@ mod tests {
         let c = b.create(account(None), 1000).unwrap();
         let t = c.token.expose();
         // preauth A, preauth B
-        b.validate(t, None, 1001).unwrap();
-        b.validate(t, None, 1001).unwrap();
+        b.validate(t, None, HOST, 1001).unwrap();
+        b.validate(t, None, HOST, 1001).unwrap();
         // register A
-        b.reserve(t, &claim("A", "alice", 1001), 1002).unwrap();
-        b.confirm(t, "A", 1002).unwrap();
+        b.reserve(t, &claim("A", "alice", 1001), HOST, 1002)
+            .unwrap();
+        b.confirm(t, "A", HOST, 1002).unwrap();
         // register B
         assert_eq!(
-            b.reserve(t, &claim("B", "bob", 1001), 1003).err(),
+            b.reserve(t, &claim("B", "bob", 1001), HOST, 1003).err(),
             Some(InviteError::TokenUsed)
         );
         // A again, for another account
         assert_eq!(
-            b.reserve(t, &claim("A", "carol", 1001), 1003).err(),
+            b.reserve(t, &claim("A", "carol", 1001), HOST, 1003).err(),
             Some(InviteError::TokenUsed)
         );
-        let record = b.validate(t, None, 1003).err();
+        let record = b.validate(t, None, HOST, 1003).err();
         assert_eq!(record, Some(InviteError::TokenUsed));
     }
 
@@ -676,10 +749,12 @@ mod tests {
         let b = book();
         let c = b.create(account(None), 1000).unwrap();
         let t = c.token.expose();
-        b.reserve(t, &claim("A", "alice", 1001), 1001).unwrap();
+        b.reserve(t, &claim("A", "alice", 1001), HOST, 1001)
+            .unwrap();
         assert!(b.release(t, "A").unwrap());
-        b.reserve(t, &claim("A", "alice2", 1001), 1002).unwrap();
-        b.confirm(t, "A", 1002).unwrap();
+        b.reserve(t, &claim("A", "alice2", 1001), HOST, 1002)
+            .unwrap();
+        b.confirm(t, "A", HOST, 1002).unwrap();
     }
 
     #[test]
@@ -691,18 +766,19 @@ mod tests {
         assert!(!b.username_reserved("bob", 1001, None).unwrap());
         // Another invite cannot take the name...
         assert_eq!(
-            b.reserve(other.token.expose(), &claim("B", "alice", 1001), 1001)
+            b.reserve(other.token.expose(), &claim("B", "alice", 1001), HOST, 1001)
                 .err(),
             Some(InviteError::UsernameReserved)
         );
         // ...and the bound invite registers only alice.
         let t = c.token.expose();
         assert_eq!(
-            b.reserve(t, &claim("A", "mallory", 1001), 1001).err(),
+            b.reserve(t, &claim("A", "mallory", 1001), HOST, 1001).err(),
             Some(InviteError::UsernameMismatch)
         );
-        b.reserve(t, &claim("A", "alice", 1001), 1001).unwrap();
-        b.confirm(t, "A", 1001).unwrap();
+        b.reserve(t, &claim("A", "alice", 1001), HOST, 1001)
+            .unwrap();
+        b.confirm(t, "A", HOST, 1001).unwrap();
         assert!(!b.username_reserved("alice", 1001, None).unwrap());
         assert_eq!(b.backend().count(Space::Names), 0);
         // Expired invites stop reserving.
@@ -716,15 +792,16 @@ mod tests {
         let b = book();
         let c = b.create(account(Some("alice")), 1000).unwrap();
         let t = c.token.expose();
-        b.validate(t, None, 1001).unwrap();
-        b.reserve(t, &claim("A", "alice", 1001), 1001).unwrap();
+        b.validate(t, None, HOST, 1001).unwrap();
+        b.reserve(t, &claim("A", "alice", 1001), HOST, 1001)
+            .unwrap();
         b.revoke(t, 1002).unwrap();
         assert_eq!(
-            b.validate(t, None, 1003).err(),
+            b.validate(t, None, HOST, 1003).err(),
             Some(InviteError::TokenRevoked)
         );
         assert_eq!(
-            b.reserve(t, &claim("A", "alice", 1001), 1003).err(),
+            b.reserve(t, &claim("A", "alice", 1001), HOST, 1003).err(),
             Some(InviteError::TokenRevoked)
         );
         assert!(!b.username_reserved("alice", 1003, None).unwrap());
@@ -742,17 +819,17 @@ mod tests {
             format!("xmpp:romeo@example.com?roster;preauth={t}")
         );
         assert_eq!(
-            b.validate(t, None, 1001).err(),
+            b.validate(t, None, HOST, 1001).err(),
             Some(InviteError::TokenInvalid)
         );
         assert_eq!(
-            b.validate(t, Some("juliet"), 1001).err(),
+            b.validate(t, Some("juliet"), HOST, 1001).err(),
             Some(InviteError::TokenInvalid)
         );
-        b.validate(t, Some("romeo"), 1001).unwrap();
-        b.consume(t, Some("romeo"), 1001).unwrap();
+        b.validate(t, Some("romeo"), HOST, 1001).unwrap();
+        b.consume(t, Some("romeo"), HOST, 1001).unwrap();
         assert_eq!(
-            b.validate(t, Some("romeo"), 1001).err(),
+            b.validate(t, Some("romeo"), HOST, 1001).err(),
             Some(InviteError::TokenUsed)
         );
         // A revoked contact invite no longer approves anything.
@@ -761,7 +838,7 @@ mod tests {
         assert!(c2.uri().ends_with(";ibr=y"));
         b.revoke(t2, 1001).unwrap();
         assert_eq!(
-            b.validate(t2, Some("romeo"), 1001).err(),
+            b.validate(t2, Some("romeo"), HOST, 1001).err(),
             Some(InviteError::TokenRevoked)
         );
     }
@@ -772,7 +849,7 @@ mod tests {
         let c = b.create(account(None), 1000).unwrap();
         b.backend().set_raw(Space::Invites, &c.key, "{not json");
         assert_eq!(
-            b.validate(c.token.expose(), None, 1001).err(),
+            b.validate(c.token.expose(), None, HOST, 1001).err(),
             Some(InviteError::TokenInvalid)
         );
         let logs = b.backend().logs.borrow();
@@ -792,8 +869,8 @@ mod tests {
         for fail_at in 0..4 {
             b.backend().fail_after.set(Some(fail_at));
             let r = b
-                .reserve(&t, &claim("A", "alice", 1001), 1001)
-                .and_then(|_| b.confirm(&t, "A", 1001));
+                .reserve(&t, &claim("A", "alice", 1001), HOST, 1001)
+                .and_then(|_| b.confirm(&t, "A", HOST, 1001));
             b.backend().fail_after.set(None);
             if let Err(e) = r {
                 assert_eq!(e, InviteError::Storage);
@@ -842,7 +919,7 @@ mod tests {
         assert!(!b
             .import_legacy("OldToken16chars_", legacy.clone(), 1000)
             .unwrap());
-        let found = b.validate("OldToken16chars_", None, 1000).unwrap();
+        let found = b.validate("OldToken16chars_", None, HOST, 1000).unwrap();
         assert_eq!(found.record.reset.as_deref(), Some("alice"));
         assert_eq!(found.record.username.as_deref(), Some("alice"));
         let mut expired = legacy;
@@ -856,7 +933,7 @@ mod tests {
         let b = book();
         let pending = b.create(account(None), 1000).unwrap();
         let used = b.create(account(None), 1000).unwrap();
-        b.consume(used.token.expose(), None, 1010).unwrap();
+        b.consume(used.token.expose(), None, HOST, 1010).unwrap();
         let revoked = b.create(account(Some("alice")), 1000).unwrap();
         b.revoke_key(&revoked.key, 1020).unwrap();
         let expired = b.create(account(Some("bob")), 900).unwrap(); // expires at 1000
@@ -904,7 +981,7 @@ mod tests {
                     let mut spec = account(None);
                     spec.max_uses = Some(max_uses);
                     let token = {
-                        let book = Invites::new(&backend);
+                        let book = Invites::new(&backend, HOST);
                         book.create(spec, 1000).unwrap().token.expose().to_owned()
                     };
                     let mut created_by_invite = 0;
@@ -912,14 +989,14 @@ mod tests {
                     let mut first_failed = true;
                     {
                         // The first registration, cut short after `crash_at` steps.
-                        let book = Invites::new(&backend);
+                        let book = Invites::new(&backend, HOST);
                         let claim = claim("A", "alice", 1001);
                         let mut run = || -> Option<()> {
                             step += 1;
                             if step > crash_at {
                                 return None;
                             }
-                            book.reserve(&token, &claim, 1001).ok()?;
+                            book.reserve(&token, &claim, HOST, 1001).ok()?;
                             step += 1;
                             if step > crash_at {
                                 return None;
@@ -930,14 +1007,14 @@ mod tests {
                             if step > crash_at {
                                 return None;
                             }
-                            book.confirm(&token, "A", 1001).ok()?;
+                            book.confirm(&token, "A", HOST, 1001).ok()?;
                             first_failed = false;
                             Some(())
                         };
                         let _ = run();
                     }
                     // Restart well after the lease; maybe an admin revokes the invite.
-                    let book = Invites::new(&backend);
+                    let book = Invites::new(&backend, HOST);
                     // Past the lease (1061), before expiry (1100).
                     let later = 1090;
                     if revoke_after_restart {
@@ -949,9 +1026,9 @@ mod tests {
                         let holder = format!("B{i}");
                         let user = format!("bob{i}");
                         let c = claim(&holder, &user, later);
-                        if book.reserve(&token, &c, later).is_ok() {
+                        if book.reserve(&token, &c, HOST, later).is_ok() {
                             backend.accounts.borrow_mut().insert(user.clone());
-                            book.confirm(&token, &holder, later).unwrap();
+                            book.confirm(&token, &holder, HOST, later).unwrap();
                             others += 1;
                         }
                     }
@@ -983,7 +1060,7 @@ mod tests {
         let t = c.token.expose();
         let mut held = claim("A", "alice", 1001);
         held.lease_until = 1010;
-        b.reserve(t, &held, 1001).unwrap();
+        b.reserve(t, &held, HOST, 1001).unwrap();
         // The server died after creating alice, before confirming.
         b.backend()
             .accounts
@@ -993,7 +1070,7 @@ mod tests {
         let listed = b.listed(&c.key, 1011).unwrap().unwrap();
         assert_eq!(listed.status(1011), Status::Used);
         assert_eq!(
-            b.validate(t, None, 1011).err(),
+            b.validate(t, None, HOST, 1011).err(),
             Some(InviteError::TokenUsed)
         );
         // validate wrote the settled record: it reads as used with no accounts to ask.
@@ -1010,5 +1087,109 @@ mod tests {
         assert!(b.listed("not-a-key", 1000).unwrap().is_none());
         b.backend().set_raw(Space::Invites, &c.key, "[]");
         assert!(b.listed(&c.key, 1000).unwrap().is_none());
+    }
+
+    #[test]
+    fn an_invite_acts_only_for_its_own_host() {
+        let b = book();
+        let c = b.create(account(None), 1000).unwrap();
+        let t = c.token.expose();
+        let other = "b.example.com";
+        assert_eq!(
+            b.validate(t, None, other, 1001).err(),
+            Some(InviteError::WrongHost)
+        );
+        // Refused before the lookup: an unknown token gets the same answer.
+        assert_eq!(
+            b.validate("unknown", None, other, 1001).err(),
+            Some(InviteError::WrongHost)
+        );
+        assert_eq!(
+            b.reserve(t, &claim("A", "alice", 1001), other, 1001).err(),
+            Some(InviteError::WrongHost)
+        );
+        assert_eq!(
+            b.consume(t, None, other, 1001).err(),
+            Some(InviteError::WrongHost)
+        );
+        // Held on its own host, the use cannot be confirmed for an account elsewhere.
+        b.reserve(t, &claim("A", "alice", 1001), HOST, 1001)
+            .unwrap();
+        assert_eq!(
+            b.confirm(t, "A", other, 1002).err(),
+            Some(InviteError::WrongHost)
+        );
+        assert_eq!(b.load(&c.key).unwrap().uses, 0);
+        b.release(t, "A").unwrap();
+        // Nothing was spent: it still works where it belongs (host names are case-blind).
+        b.reserve(t, &claim("B", "bob", 1003), "Example.COM", 1003)
+            .unwrap();
+        b.confirm(t, "B", HOST, 1003).unwrap();
+        assert_eq!(b.load(&c.key).unwrap().uses, 1);
+        assert!(b
+            .backend()
+            .logs
+            .borrow()
+            .iter()
+            .all(|(_, m)| !m.contains(t)));
+    }
+
+    #[test]
+    fn a_record_made_for_another_host_is_refused_and_logged() {
+        let backend = MemoryBackend::new();
+        let theirs = Invites::new(&backend, "b.example.com");
+        let mut spec = contact("romeo", true);
+        spec.jid = String::from("romeo@b.example.com");
+        let c = theirs.create(spec, 1000).unwrap();
+        let t = c.token.expose();
+        // The same stores opened for example.com (data copied between hosts).
+        let ours = Invites::new(&backend, HOST);
+        assert_eq!(
+            ours.validate(t, None, HOST, 1001).err(),
+            Some(InviteError::WrongHost)
+        );
+        assert_eq!(
+            ours.validate(t, Some("romeo"), HOST, 1001).err(),
+            Some(InviteError::WrongHost)
+        );
+        let logs = backend.logs.borrow();
+        let (level, line) = logs.last().unwrap();
+        assert_eq!(*level, Level::Warn);
+        assert!(line.contains("names b.example.com"), "{line}");
+        assert!(!line.contains(t));
+    }
+
+    #[test]
+    fn legacy_tokens_of_any_shape_import_and_expired_ones_are_dropped() {
+        let b = book();
+        let legacy = |expires| LegacyInvite {
+            kind: InviteKind::Register,
+            jid: String::from(HOST),
+            allow_registration: true,
+            additional_data: None,
+            created_at: 900,
+            expires,
+            reusable: false,
+            contact_of: None,
+        };
+        // Prosody's store takes any string as a token; it is found again by its hash.
+        for token in ["with space", "plus+slash/eq=", "caf\u{e9};#"] {
+            assert!(
+                b.import_legacy(token, legacy(2000), 1000).unwrap(),
+                "{token:?}"
+            );
+            let found = b.validate(token, None, HOST, 1000).unwrap();
+            assert_eq!(found.key, Token::parse(token).unwrap().hash().key());
+        }
+        // Expired entries are dropped whatever their token, with no error to repeat.
+        let huge = "x".repeat(crate::token::MAX_TOKEN_LEN + 1);
+        for token in ["", huge.as_str(), "with space 2"] {
+            assert_eq!(b.import_legacy(token, legacy(999), 1000), Ok(false));
+        }
+        // A live entry whose token could never be presented is refused (and not kept).
+        assert_eq!(
+            b.import_legacy(&huge, legacy(2000), 1000).err(),
+            Some(InviteError::TokenInvalid)
+        );
     }
 }

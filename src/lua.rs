@@ -1,10 +1,14 @@
 //! The Lua adapter: converts between Lua values and the core, and nothing else.
 //!
 //! Exports (`require`d through `package.loadlib`):
-//! - `new{ invites = store, names = store, log = function(level, message) }` → book
-//!   where the stores are Prosody keyval stores (`module:open_store(...)`).
+//! - `new{ host = "example.com", invites = store, names = store, log = function(level, message) }`
+//!   → book for that virtual host, where the stores are Prosody keyval stores
+//!   (`module:open_store(...)`).
 //! - book methods `create`, `get`, `reserve`, `confirm`, `release`, `use`, `revoke`,
-//!   `revoke_key`, `prune`, `username_reserved`, `listed`, `import_legacy` (see `lua/mod_invites/mod_invites.lua`).
+//!   `revoke_key`, `prune`, `username_reserved`, `listed`, `import_legacy` (see
+//!   `lua/mod_invites/mod_invites.lua`). `get`, `reserve`, `confirm` and `use` take the
+//!   host the caller acts for (the stream's or the new account's), and give
+//!   `nil, "wrong-host"` unless it is the book's.
 //!
 //! Wrong argument types raise (API misuse); expected failures return `nil, "error-name"`.
 //! No Rust panic crosses into Lua: every method runs under `catch_unwind` and reports a
@@ -412,12 +416,13 @@ impl UserData for Book {
 
         methods.add_method(
             "get",
-            |lua, this, (token, contact_of, now): (Value, Value, Value)| {
+            |lua, this, (token, contact_of, host, now): (Value, Value, Value, Value)| {
                 let token = token_or_fail!(lua, token, 1, "get");
                 let contact_of = opt_string(contact_of, 2, "get")?;
-                let now = integer(&now, 3, "get")?;
+                let host = string(host, 3, "get")?;
+                let now = integer(&now, 4, "get")?;
                 guarded(lua, this, "get", || {
-                    match this.0.validate(&token, contact_of.as_deref(), now) {
+                    match this.0.validate(&token, contact_of.as_deref(), &host, now) {
                         Ok(found) => {
                             let token = match Token::parse(&token) {
                                 Ok(t) => t,
@@ -437,12 +442,13 @@ impl UserData for Book {
 
         methods.add_method(
             "reserve",
-            |lua, this, (token, claim, now): (Value, Value, Value)| {
+            |lua, this, (token, claim, host, now): (Value, Value, Value, Value)| {
                 let token = token_or_fail!(lua, token, 1, "reserve");
                 let Value::Table(claim) = claim else {
                     return Err(bad_argument(2, "reserve", "table", &claim));
                 };
-                let now = integer(&now, 3, "reserve")?;
+                let host = string(host, 3, "reserve")?;
+                let now = integer(&now, 4, "reserve")?;
                 let holder = string(claim.raw_get("holder")?, 2, "reserve")?;
                 let username = string(claim.raw_get("username")?, 2, "reserve")?;
                 let account_exists = opt_field_bool(&claim, "account_exists", "reserve")?;
@@ -456,7 +462,7 @@ impl UserData for Book {
                     lease_until,
                 };
                 guarded(lua, this, "reserve", || {
-                    match this.0.reserve(&token, &claim, now) {
+                    match this.0.reserve(&token, &claim, &host, now) {
                         Ok(found) => {
                             success(lua, invite_table(lua, &found.key, &found.record, now)?)
                         }
@@ -468,12 +474,13 @@ impl UserData for Book {
 
         methods.add_method(
             "confirm",
-            |lua, this, (token, holder, now): (Value, Value, Value)| {
+            |lua, this, (token, holder, host, now): (Value, Value, Value, Value)| {
                 let token = token_or_fail!(lua, token, 1, "confirm");
                 let holder = string(holder, 2, "confirm")?;
-                let now = integer(&now, 3, "confirm")?;
+                let host = string(host, 3, "confirm")?;
+                let now = integer(&now, 4, "confirm")?;
                 guarded(lua, this, "confirm", || {
-                    match this.0.confirm(&token, &holder, now) {
+                    match this.0.confirm(&token, &holder, &host, now) {
                         Ok(found) => {
                             success(lua, invite_table(lua, &found.key, &found.record, now)?)
                         }
@@ -496,12 +503,13 @@ impl UserData for Book {
 
         methods.add_method(
             "use",
-            |lua, this, (token, contact_of, now): (Value, Value, Value)| {
+            |lua, this, (token, contact_of, host, now): (Value, Value, Value, Value)| {
                 let token = token_or_fail!(lua, token, 1, "use");
                 let contact_of = opt_string(contact_of, 2, "use")?;
-                let now = integer(&now, 3, "use")?;
+                let host = string(host, 3, "use")?;
+                let now = integer(&now, 4, "use")?;
                 guarded(lua, this, "use", || {
-                    match this.0.consume(&token, contact_of.as_deref(), now) {
+                    match this.0.consume(&token, contact_of.as_deref(), &host, now) {
                         Ok(found) => {
                             success(lua, invite_table(lua, &found.key, &found.record, now)?)
                         }
@@ -614,6 +622,11 @@ impl UserData for LuaThrottle {
             let now = integer(&now, 2, "allows")?;
             Ok(this.0.borrow().allows(&address, now))
         });
+        methods.add_method("retry_after", |_, this, (address, now): (Value, Value)| {
+            let address = string(address, 1, "retry_after")?;
+            let now = integer(&now, 2, "retry_after")?;
+            Ok(this.0.borrow().retry_after(&address, now))
+        });
         methods.add_method("failed", |_, this, (address, now): (Value, Value)| {
             let address = string(address, 1, "failed")?;
             let now = integer(&now, 2, "failed")?;
@@ -640,6 +653,10 @@ pub fn exports(lua: &Lua) -> mlua::Result<Table> {
         lua.create_function(|lua, config: Value| {
             let Value::Table(config) = config else {
                 return Err(bad_argument(1, "new", "table", &config));
+            };
+            let host = match config.raw_get::<Value>("host")? {
+                Value::String(s) if !s.as_bytes().is_empty() => s.to_str()?.to_owned(),
+                other => return Err(bad_field("host", "new", "non-empty string", &other)),
             };
             let invites: Table = match config.raw_get::<Value>("invites")? {
                 Value::Table(t) => t,
@@ -673,7 +690,7 @@ pub fn exports(lua: &Lua) -> mlua::Result<Table> {
                 log,
                 account_exists,
             };
-            lua.create_userdata(Book(Invites::new(backend)))
+            lua.create_userdata(Book(Invites::new(backend, &host)))
         })?,
     )?;
     exports.set(
@@ -735,7 +752,7 @@ mod tests {
                     set = function (_, owner, value) data[owner] = value; return true end;
                 }
             end
-            book = core.new({ invites = memory(), names = memory(),
+            book = core.new({ host = "example.com", invites = memory(), names = memory(),
                 log = function (level, message) lines[#lines + 1] = level .. ": " .. message end })
             invite = assert(book:create({ type = "register", jid = "example.com",
                 allow_registration = true, ttl = 3600 }, 1700000000))
@@ -754,7 +771,7 @@ mod tests {
                 r#"
                 broken = true
                 lines = {}
-                local got, err = book:get(invite.token, nil, 1700000001)
+                local got, err = book:get(invite.token, nil, "example.com", 1700000001)
                 return got, err, lines, invite.token
                 "#,
             )
@@ -767,7 +784,7 @@ mod tests {
 
         // The same book, in the same Lua state, works again once the store does.
         let status: String = lua
-            .load("broken = false; return assert(book:get(invite.token, nil, 1700000001)).status")
+            .load(r#"broken = false; return assert(book:get(invite.token, nil, "example.com", 1700000001)).status"#)
             .eval()?;
         assert_eq!(status, "pending");
         Ok(())
@@ -786,7 +803,7 @@ mod tests {
                 jid = "example.com", allow_registration = true, ttl = 3600,
                 additional_data = data }, 1700000000)
             if not ok then return false, tostring(created), false end
-            return true, "", book:get(created.token, nil, 1700000001) ~= nil
+            return true, "", book:get(created.token, nil, "example.com", 1700000001) ~= nil
             "#,
         )
         .call(depth)
@@ -842,9 +859,9 @@ mod tests {
                 broken = true
                 local _, err = book:reserve(invite.token, { holder = "h1", username = "alice",
                     account_exists = false, validated_at = 1700000001, lease_until = 1700000121 },
-                    1700000001)
+                    "example.com", 1700000001)
                 broken = false
-                return err, assert(book:get(invite.token, nil, 1700000002)).uses_left
+                return err, assert(book:get(invite.token, nil, "example.com", 1700000002)).uses_left
                 "#,
             )
             .eval()?;

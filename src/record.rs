@@ -132,6 +132,13 @@ impl InviteRecord {
         Ok(record)
     }
 
+    /// The virtual host the invite was made on: the domain of its JID.
+    pub fn host(&self) -> &str {
+        self.jid
+            .rsplit_once('@')
+            .map_or(self.jid.as_str(), |(_, domain)| domain)
+    }
+
     /// Uses this invite allows in total; `None` = unlimited until expiry.
     pub fn use_limit(&self) -> Option<u32> {
         match (self.max_uses, self.reusable) {

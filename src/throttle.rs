@@ -84,6 +84,17 @@ impl Throttle {
         }
     }
 
+    /// Seconds until `address` may try again (at least 1), or `None` if it may now.
+    pub fn retry_after(&self, address: &str, now: i64) -> Option<i64> {
+        match self.windows.get(&address_key(address)) {
+            Some(Window {
+                locked_until: Some(until),
+                ..
+            }) if now < *until => Some(until - now),
+            _ => None,
+        }
+    }
+
     /// Counts a failed attempt from `address`.
     pub fn failed(&mut self, address: &str, now: i64) {
         let key = address_key(address);
@@ -162,7 +173,11 @@ mod tests {
         t.failed("1.2.3.4", 59); // the third, just inside the window
         assert!(!t.allows("1.2.3.4", 60));
         assert!(!t.allows("1.2.3.4", 118));
+        assert_eq!(t.retry_after("1.2.3.4", 60), Some(59));
+        assert_eq!(t.retry_after("1.2.3.4", 118), Some(1));
         assert!(t.allows("1.2.3.4", 119));
+        assert_eq!(t.retry_after("1.2.3.4", 119), None);
+        assert_eq!(t.retry_after("5.6.7.8", 60), None);
         // After the lock, counting starts afresh.
         t.failed("1.2.3.4", 119);
         assert!(t.allows("1.2.3.4", 120));

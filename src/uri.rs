@@ -4,22 +4,29 @@
 pub fn invite_uri(action: &str, jid: &str, token: &str, params: Option<&str>) -> String {
     let mut uri = String::with_capacity(jid.len() + token.len() + 32);
     uri.push_str("xmpp:");
-    for b in jid.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~!$&'()*+,=@".contains(&b) {
-            uri.push(char::from(b));
-        } else {
-            uri.push_str(&format!("%{b:02X}"));
-        }
-    }
+    push_escaped(&mut uri, jid, b"-._~!$&'()*+,=@");
     uri.push('?');
     uri.push_str(action);
     uri.push_str(";preauth=");
-    uri.push_str(token);
+    // Ours are base64url and pass as they are; a token imported from Prosody's store may
+    // hold anything, and must not end the parameter early (`;`, `#`, …).
+    push_escaped(&mut uri, token, b"-._~");
     if let Some(p) = params {
         uri.push(';');
         uri.push_str(p);
     }
     uri
+}
+
+/// Appends `text`, percent-escaping every byte but ASCII letters, digits and `keep`.
+fn push_escaped(uri: &mut String, text: &str, keep: &[u8]) {
+    for b in text.bytes() {
+        if b.is_ascii_alphanumeric() || keep.contains(&b) {
+            uri.push(char::from(b));
+        } else {
+            uri.push_str(&format!("%{b:02X}"));
+        }
+    }
 }
 
 #[cfg(test)]
@@ -51,6 +58,18 @@ mod tests {
         assert_eq!(
             invite_uri("register", "j\u{fc}@x", "T", None),
             "xmpp:j%C3%BC@x?register;preauth=T"
+        );
+    }
+
+    #[test]
+    fn escapes_a_legacy_token_that_is_not_base64url() {
+        assert_eq!(
+            invite_uri("register", "x", "ab+/=;c d", None),
+            "xmpp:x?register;preauth=ab%2B%2F%3D%3Bc%20d"
+        );
+        assert_eq!(
+            invite_uri("register", "x", "Az09-_", None),
+            "xmpp:x?register;preauth=Az09-_"
         );
     }
 }

@@ -136,6 +136,9 @@ const FLOATS: &[f64] = &[
     T0 as f64,
 ];
 
+/// Hosts a caller may act for: the book's, in another case, and another host's.
+const HOSTS: &[&str] = &["example.com", "Example.COM", "b.example.com"];
+
 const WORDS: &[&str] = &[
     "",
     "register",
@@ -683,6 +686,11 @@ impl Harness<'_> {
     fn new_book(&mut self) -> mlua::Result<()> {
         let clean = self.input.below(4) == 0;
         let config = self.lua.create_table()?;
+        let host = match self.input.below(16) {
+            0 => self.value(1)?,
+            _ => self.word(&["example.com", "EXAMPLE.com"])?,
+        };
+        config.raw_set("host", host)?;
         let invites = self.store(clean)?;
         config.raw_set("invites", invites)?;
         let names = self.store(clean)?;
@@ -810,16 +818,19 @@ impl Harness<'_> {
             "get" | "use" => {
                 args.push(self.arg(|h| h.token())?);
                 args.push(self.arg(|h| h.opt_word(&["alice", "bob"]))?);
+                args.push(self.arg(|h| h.word(HOSTS))?);
                 args.push(self.time()?);
             }
             "reserve" => {
                 args.push(self.arg(|h| h.token())?);
                 args.push(self.arg(|h| h.claim())?);
+                args.push(self.arg(|h| h.word(HOSTS))?);
                 args.push(self.time()?);
             }
             "confirm" => {
                 args.push(self.arg(|h| h.token())?);
                 args.push(self.arg(|h| h.word(&["h1", "h2", "h3"]))?);
+                args.push(self.arg(|h| h.word(HOSTS))?);
                 args.push(self.time()?);
             }
             "release" => {

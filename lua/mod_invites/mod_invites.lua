@@ -134,6 +134,7 @@ end
 local function open_book()
 	invite_store = module:open_store("invites");
 	book = core.new({
+		host = module.host;
 		invites = invite_store;
 		names = module:open_store("invites_by_username");
 		log = log_from_core;
@@ -167,6 +168,43 @@ local spent = setmetatable({}, { __mode = "k" }); -- already registered an accou
 local created_metric = { with_labels = function () return { add = function () end }; end };
 if prosody.process_type == "prosody" then
 	created_metric = module:metric("counter", "created", "", "Invites created", { "type" });
+end
+
+--- Guessing limits
+-- One throttle per host for every path that checks a token: c2s preauth and XEP-0379
+-- (mod_invites_register) and the web pages of the invite suite (below). The
+-- invite_throttle_max-th failed attempt from one address (IPv6: one /64) within
+-- invite_throttle_period seconds refuses every attempt from there for one period.
+
+-- A whole number option of at least `min`; anything else is logged and the default used.
+local function count_option(name, default, min)
+	local value = module:get_option(name, default);
+	if type(value) ~= "number" or value < min or value ~= math.floor(value) or value > 2^31 then
+		module:log("error", "Option %s = %s is not a whole number of at least %d; using %d",
+			name, tostring(value), min, default);
+		return default;
+	end
+	return value;
+end
+
+local throttle_max = count_option("invite_throttle_max", 10, 0);
+local throttle_period = count_option("invite_throttle_period", 60, 1);
+-- Addresses tracked at once; beyond that the oldest windows are forgotten (bounded memory).
+local throttle_capacity = 10000;
+
+-- Shared with mod_invites_register: allows(address, now), failed(address, now),
+-- retry_after(address, now) (see src/throttle.rs). invite_throttle_max = 0 turns it off.
+if throttle_max > 0 then
+	guess_throttle = core.throttle(throttle_max, throttle_period, throttle_capacity); --luacheck: ignore 111/guess_throttle
+else
+	if prosody.process_type == "prosody" then
+		module:log("warn", "invite_throttle_max = 0: guessing invite tokens is not limited");
+	end
+	guess_throttle = { --luacheck: ignore 111/guess_throttle
+		allows = function () return true; end;
+		failed = function () end;
+		retry_after = function () return nil; end;
+	};
 end
 
 local function create_invite(spec)
@@ -297,7 +335,7 @@ function pending_account_invites() --luacheck: ignore 131/pending_account_invite
 end
 
 function get_account_invite_info(token) --luacheck: ignore 131/get_account_invite_info
-	return get_book():get(token, nil, os.time());
+	return get_book():get(token, nil, module.host, os.time());
 end
 
 -- Revokes an invite; takes effect at once, also for sessions that already sent preauth.
@@ -310,14 +348,25 @@ function delete_account_invite(token) --luacheck: ignore 131/delete_account_invi
 	return true;
 end
 
+-- Web requests being served by a guarded route (see "Guessing over HTTP" below), by
+-- the coroutine serving them: the client address a failed lookup counts against.
+local http_client_of = setmetatable({}, { __mode = "k" });
+
 -- Get a validated invite (or nil, err). Must call :use() on the returned invite after it
 -- is actually successfully used. For "roster" invites used for a subscription, the
 -- username of the local user who issued the invite must be passed.
-function get(token, username)
+-- Extension: `host`, the host the invite is to be used on (default this one): any other
+-- gives nil, "wrong-host" (an invite belongs to the host it was made on).
+function get(token, username, host)
 	local now = os.time();
-	local invite, err = get_book():get(token, username, now);
+	local invite, err = get_book():get(token, username, host or module.host, now);
 	if not invite then
 		module:log("debug", "Invite lookup refused: %s", err);
+		local client = http_client_of[coroutine.running()];
+		if client and err ~= "internal-server-error" then -- a storage fault is not a guess
+			guess_throttle:failed(client, now);
+			module:fire_event("invite-rejected", { reason = err, ip = client, via = "http" });
+		end
 		return nil, err;
 	end
 	validated_at[invite] = now;
@@ -325,10 +374,10 @@ function get(token, username)
 	return setmetatable(invite, valid_invite_mt);
 end
 
--- Spends one use at once (contact invites, other modules). `by` (optional, an extension)
--- names who used it, for the log line.
-function valid_invite_methods:use(by)
-	local used, err = get_book():use(self.token, contact_of[self], os.time());
+-- Spends one use at once (contact invites, other modules). Extensions: `by` names who
+-- used it, for the log line; `host` is the host it is used on (default this one).
+function valid_invite_methods:use(by, host)
+	local used, err = get_book():use(self.token, contact_of[self], host or module.host, os.time());
 	if not used then
 		module:log("debug", "Invite %s not used: %s", self.id, err);
 		return nil, err;
@@ -337,8 +386,9 @@ function valid_invite_methods:use(by)
 	return true;
 end
 
--- Registration step 1 (user-registering): hold one use of the invite for `username`.
-function valid_invite_methods:reserve(username)
+-- Registration step 1 (user-registering): hold one use of the invite for the account
+-- `username` on `host` (the host registering it; another host's invite is refused).
+function valid_invite_methods:reserve(username, host)
 	if spent[self] then
 		return nil, "token-used";
 	end
@@ -351,7 +401,7 @@ function valid_invite_methods:reserve(username)
 		account_exists = account_exists;
 		validated_at = validated_at[self] or now;
 		lease_until = now + reservation_lease;
-	}, now);
+	}, host, now);
 	if not reserved then
 		return nil, err;
 	end
@@ -360,17 +410,20 @@ function valid_invite_methods:reserve(username)
 	return true;
 end
 
--- Registration step 2 (user-registered / user-password-reset): spend the held use.
--- `account` (the new or reset account's JID) is for the log line.
-function valid_invite_methods:confirm(account)
+-- Registration step 2 (user-registered / user-password-reset): spend the held use, for
+-- the new or reset account `username` on `host`.
+function valid_invite_methods:confirm(username, host)
 	local holder = holders[self];
+	local invite, err = get_book():confirm(self.token, holder or id.short(), host, os.time());
+	if err == "wrong-host" then
+		return nil, err; -- not this host's to spend: the reservation stays for its own
+	end
 	holders[self] = nil;
 	spent[self] = true;
-	local invite, err = get_book():confirm(self.token, holder or id.short(), os.time());
 	if not invite then
 		return nil, err;
 	end
-	module:log("info", "Invite %s redeemed by %s (%d of %s uses)", invite.id, tostring(account), invite.uses,
+	module:log("info", "Invite %s redeemed by %s@%s (%d of %s uses)", invite.id, username, host, invite.uses,
 		invite.max_uses or "unlimited");
 	return true;
 end
@@ -386,7 +439,7 @@ function valid_invite_methods:release()
 	local username = new_account_of[self];
 	if username and usermanager.user_exists(username, module.host) then
 		module:log("warn", "Registration of %s failed after its account was created; invite %s counts it", username, self.id);
-		return self:confirm(username.."@"..module.host);
+		return self:confirm(username, module.host);
 	end
 	holders[self] = nil;
 	return get_book():release(self.token, holder);
@@ -400,14 +453,82 @@ function use(token) --luacheck: ignore 131/use
 	return invite:use();
 end
 
--- A preauth throttle (see src/throttle.rs) for mod_invites_register.
-function new_throttle(max, period, capacity) --luacheck: ignore 131/new_throttle
-	return core.throttle(max, period, capacity);
-end
-
 -- Is this username held for a pending invite? (nil, err when storage fails)
 function is_username_reserved(username) --luacheck: ignore 131/is_username_reserved
 	return get_book():username_reserved(username, os.time());
+end
+
+--- Guessing over HTTP
+-- The invite suite's web pages check tokens too: mod_invites_page (landing pages),
+-- mod_invites_register_web (the registration form) and mod_invites_register_api. Their
+-- routes are wrapped as they are provided (before mod_http registers them; these modules
+-- depend on this one, so it is loaded first): a request from a locked address gets 429
+-- before any lookup, and a lookup that fails while one of them serves a request counts
+-- against the client's address, the same budget c2s preauth and XEP-0379 use. The address
+-- is `request.ip` as mod_http reports it (it honours `trusted_proxies`).
+local guarded_web_modules = {
+	invites_page = "html";
+	invites_register_web = "html";
+	invites_register_api = "json";
+};
+local throttled_text = "Too many invalid invitations from your address, please try again later";
+local throttled_page = [[<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>Too many attempts</title></head>
+<body><h1>Too many attempts</h1><p>]]..throttled_text..[[.</p></body></html>
+]];
+
+local function throttled_response(style, retry_after)
+	local json = require "util.json";
+	return {
+		status_code = 429;
+		headers = {
+			content_type = style == "json" and "application/json" or "text/html; charset=utf-8";
+			retry_after = tostring(retry_after or throttle_period);
+		};
+		body = style == "json" and json.encode({ error = "throttled", text = throttled_text }) or throttled_page;
+	};
+end
+
+local guarded_routes = setmetatable({}, { __mode = "k" });
+local pack = table.pack or function (...) return { n = select("#", ...), ... }; end;
+local unpack = table.unpack or unpack; -- luacheck: ignore 113
+
+local function guard_route(handler, style)
+	local function guarded(event, ...)
+		local ip = event.request and event.request.ip or "unknown";
+		local now = os.time();
+		if not guess_throttle:allows(ip, now) then
+			module:log("debug", "Web request refused: too many failed attempts from %s", ip);
+			module:fire_event("invite-rejected", { reason = "throttled", ip = ip, via = "http" });
+			return throttled_response(style, guess_throttle:retry_after(ip, now));
+		end
+		local thread = coroutine.running();
+		local outer = http_client_of[thread];
+		http_client_of[thread] = ip;
+		local result = pack(pcall(handler, event, ...));
+		http_client_of[thread] = outer;
+		if not result[1] then
+			error(result[2], 0);
+		end
+		return unpack(result, 2, result.n);
+	end
+	guarded_routes[guarded] = true;
+	return guarded;
+end
+
+if prosody.process_type == "prosody" then
+	-- Before mod_http (priority 0) turns the routes into handlers.
+	module:hook("item-added/http-provider", function (event)
+		local item = event.item;
+		local style = guarded_web_modules[item._provided_by];
+		if not style or type(item.route) ~= "table" then return; end
+		for route, handler in pairs(item.route) do
+			if type(handler) == "function" and not guarded_routes[handler] then
+				item.route[route] = guard_route(handler, style);
+			end
+		end
+	end, 10);
 end
 
 --- Migration from Prosody's own mod_invites
@@ -420,14 +541,19 @@ local function migrate_legacy_invites()
 	local now = os.time();
 	local imported, failed = 0, 0;
 
+	-- Returns false when the entry should stay for the next start (a storage failure);
+	-- an entry that can never be imported (no usable token) is dropped, once, with a warning.
 	local function import(token, invite, inviter)
 		local ok, err = get_book():import_legacy(token, invite, inviter, now);
-		if ok == nil then
+		if ok == nil and err == "internal-server-error" then
 			failed = failed + 1;
 			module:log("warn", "Could not import an invite of mod_invites: %s", err);
 			return false;
+		elseif ok == nil then
+			module:log("warn", "Dropped an invite of mod_invites that cannot be used (%s)", err);
+		elseif ok then
+			imported = imported + 1;
 		end
-		if ok then imported = imported + 1; end
 		return true;
 	end
 

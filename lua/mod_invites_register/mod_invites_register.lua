@@ -60,34 +60,13 @@ end
 local require_encryption = module:get_option_boolean("c2s_require_encryption",
 	module:get_option_boolean("require_encryption", true));
 local invite_only = module:get_option_boolean("registration_invite_only", true);
--- A whole number option of at least `min`; anything else is logged and the default used.
-local function count_option(name, default, min)
-	local value = module:get_option(name, default);
-	if type(value) ~= "number" or value < min or value ~= math.floor(value) or value > 2^31 then
-		module:log("error", "Option %s = %s is not a whole number of at least %d; using %d",
-			name, tostring(value), min, default);
-		return default;
-	end
-	return value;
-end
-
--- Preauth guessing: the invite_throttle_max-th failed attempt from one address (IPv6: one
--- /64) within the period (seconds) refuses every preauth from there for one period.
--- invite_throttle_max = 0 turns the throttle off.
-local throttle_max = count_option("invite_throttle_max", 10, 0);
-local throttle_period = count_option("invite_throttle_period", 60, 1);
--- Addresses tracked at once; beyond that the oldest windows are forgotten (bounded memory).
-local throttle_capacity = 10000;
 
 local invites, throttle;
 if prosody.process_type == "prosody" then
 	invites = module:depends("invites");
-	if throttle_max > 0 then
-		throttle = invites.new_throttle(throttle_max, throttle_period, throttle_capacity);
-	else
-		module:log("warn", "invite_throttle_max = 0: preauth guessing is not limited");
-		throttle = { allows = function () return true; end; failed = function () end };
-	end
+	-- Guessing limits per address (invite_throttle_max, invite_throttle_period), one per
+	-- host, shared with the web pages that check tokens (see mod_invites).
+	throttle = invites.guess_throttle;
 
 	if invite_only then
 		module:depends("register_ibr");
@@ -110,6 +89,7 @@ local refusals = {
 	["internal-server-error"] = { "wait", "internal-server-error", "The invitation could not be checked, please try again later" };
 	["invite-only"] = { "modify", "not-acceptable", "Registration on this server is through invitation only" };
 	["preauth-not-set"] = { "modify", "bad-request", "A preauth request must be an iq of type 'set'" };
+	["wrong-host"] = { "cancel", "not-allowed", "This invitation is for another host" };
 	["throttled"] = { "wait", "policy-violation", "Too many invalid invitations from your address, please try again later" };
 };
 
@@ -126,6 +106,10 @@ end
 local function count_redemption(invite)
 	redeemed_metric:with_labels(invite.reset and "reset" or invite.type):add(1);
 end
+-- Refusals of mod_invites itself (the web pages that check tokens).
+module:hook("invite-rejected", function (event)
+	count_rejection(event.reason);
+end);
 
 local function refusal(name)
 	local r = refusals[name] or refusals["internal-server-error"];
@@ -185,9 +169,18 @@ module:hook("stanza/iq/"..xmlns_pars..":preauth", function(event)
 	if not token or token == "" then
 		err = "no-token";
 	else
-		validated_invite, err = invites.get(token);
+		-- For the stream's host: Prosody hands us a preauth addressed to this host on a
+		-- stream opened to another, whose registration must not use our invite.
+		validated_invite, err = invites.get(token, nil, origin.host);
 	end
-	if not validated_invite then
+	if err == "wrong-host" then
+		-- Refused before any lookup: not a guess, and nothing is left on the session.
+		origin.log("info", "Preauth for %s refused on a stream to %s", module.host, tostring(origin.host));
+		count_rejection(err);
+		origin.send(st.error_reply(stanza, "cancel", "not-allowed",
+			("Invitations for %s can only be used on a connection to %s"):format(module.host, module.host)));
+		return true;
+	elseif not validated_invite then
 		origin.log("debug", "Preauth refused: %s", err);
 		if err ~= "internal-server-error" then -- a storage fault is not a guess
 			throttle:failed(ip, now);
@@ -225,9 +218,10 @@ module:hook("user-registering", function (event)
 		return;
 	end
 
-	local ok, err = validated_invite:reserve(username);
+	local ok, err = validated_invite:reserve(username, module.host);
 	if not ok then
-		module:log("debug", "Registration of %s with invite %s refused: %s", username, validated_invite.id, err);
+		local level = err == "wrong-host" and "info" or "debug";
+		module:log(level, "Registration of %s with invite %s refused: %s", username, validated_invite.id, err);
 		count_rejection(err);
 		local text;
 		if err == "username-mismatch" and validated_invite.bound_username then
@@ -283,8 +277,14 @@ module:hook("user-registered", function (event)
 		return;
 	end
 	local contact_username = event.username;
-	local ok, err = validated_invite:confirm(contact_username.."@"..module.host);
-	if ok then
+	local ok, err = validated_invite:confirm(contact_username, module.host);
+	if err == "wrong-host" then
+		-- Another host's invite grants nothing here (user-registering refuses it; this is
+		-- for registrations that did not ask).
+		module:log("warn", "Account %s was registered with invite %s of another host; it grants nothing here",
+			contact_username, validated_invite.id);
+		return;
+	elseif ok then
 		count_redemption(validated_invite);
 	else
 		module:log("warn", "Account %s was created, but its invite %s could not be marked used: %s",
@@ -318,7 +318,7 @@ module:hook("user-password-reset", function (event)
 	if not validated_invite then
 		return;
 	end
-	local ok, err = validated_invite:confirm(event.username.."@"..module.host);
+	local ok, err = validated_invite:confirm(event.username, module.host);
 	if ok then
 		count_redemption(validated_invite);
 	else
@@ -377,7 +377,7 @@ local function preauth_subscription(event)
 		module:log("debug", "Subscription request to %s with an invite: too many failed attempts from its sender", username);
 		return;
 	end
-	local invite, err = invites.get(token, username);
+	local invite, err = invites.get(token, username, host);
 	if not invite then
 		if err == "token-invalid" then
 			throttle:failed(guesser, now);
@@ -386,7 +386,7 @@ local function preauth_subscription(event)
 		module:log("debug", "Subscription request to %s with an invalid invite (%s), leaving it to the user", username, err);
 		return;
 	end
-	local used, use_err = invite:use(contact.." (subscription to "..username..")");
+	local used, use_err = invite:use(contact.." (subscription to "..username..")", host);
 	if not used then
 		count_rejection(use_err);
 		module:log("debug", "Subscription invite %s not usable: %s", invite.id, use_err);

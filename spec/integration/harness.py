@@ -44,6 +44,9 @@ BUILD_PLUGINS = Path(os.environ.get("INVITES_PLUGINS_DIR") or (REPO / "build" / 
 TEST_PLUGINS = HERE / "plugins"
 # Stand-ins for community modules that Debian ships for Prosody 13 but not for 0.12.
 TEST_PLUGINS_012 = HERE / "plugins-0.12"
+# Unmodified third-party modules (Snikket's, prosody-modules' newer ones), one set per Prosody
+# version, beside the repo (see its README). Never copied into the repo.
+THIRD_PARTY = Path(os.environ.get("INVITES_THIRD_PARTY_DIR") or (REPO.parent / "shared" / "third-party")).resolve()
 
 PROSODY = os.environ.get("PROSODY_BIN", "prosody")
 PROSODYCTL = os.environ.get("PROSODYCTL_BIN", "prosodyctl")
@@ -656,6 +659,10 @@ class ProsodyServer:
     admins: JIDs for the ``admins`` option.
     testhook: load mod_invites_testhook (default True).
     pgsql: the PgsqlCluster for storage="pgsql" (default: shared_pgsql()).
+    extra_hosts: {host: {option: value}} more VirtualHosts after the first, each with the
+        same modules_enabled (plus its own options, rendered with lua_value()).
+    third_party: also put the third-party modules for this Prosody version
+        (THIRD_PARTY/prosody-13 or prosody-0.12) on plugin_paths, after ours.
     """
 
     def __init__(
@@ -676,6 +683,8 @@ class ProsodyServer:
         stop_timeout: float = 10.0,
         keep_dir: bool | None = None,
         pgsql: PgsqlCluster | None = None,
+        extra_hosts: dict | None = None,
+        third_party: bool = False,
     ):
         if storage not in STORAGES:
             raise HarnessError(f"storage must be one of {', '.join(STORAGES)}, not {storage!r}")
@@ -700,6 +709,8 @@ class ProsodyServer:
         self.options = dict(options or {})
         self.host_options = dict(host_options or {})
         self.admins = list(admins)
+        self.extra_hosts = {h: dict(o or {}) for h, o in (extra_hosts or {}).items()}
+        self.third_party = third_party
         self.testhook = testhook
         self.start_timeout = start_timeout
         self.stop_timeout = stop_timeout
@@ -745,6 +756,11 @@ class ProsodyServer:
             paths.append(str(TEST_PLUGINS))
         if prosody_major_version() < 13:
             paths.append(str(TEST_PLUGINS_012))
+        if self.third_party:
+            version_dir = THIRD_PARTY / ("prosody-13" if prosody_major_version() >= 13 else "prosody-0.12")
+            if not version_dir.is_dir():
+                raise HarnessError(f"third-party modules not found at {version_dir} (INVITES_THIRD_PARTY_DIR)")
+            paths.append(str(version_dir))
         return paths
 
     @property
@@ -809,6 +825,12 @@ class ProsodyServer:
         for k, v in self.host_options.items():
             a(f"  {k} = {lua_value(v)}")
         L.extend("  " + line for line in self.extra_host_config)
+        for extra_host, host_options in self.extra_hosts.items():
+            a("")
+            a(f"VirtualHost {lua_str(extra_host)}")
+            a(f"  modules_enabled = {lua_value(self.modules)}")
+            for k, v in host_options.items():
+                a(f"  {k} = {lua_value(v)}")
         a("")
         return "\n".join(L)
 
@@ -993,17 +1015,17 @@ class ProsodyServer:
             time.sleep(0.2 * (attempt + 1))  # no event to wait for: the lock is the server's
         return p.returncode, p.stdout, p.stderr
 
-    def generate_invite(self, *flags: str) -> str:
-        """``prosodyctl mod_invites generate localhost FLAGS``; returns the URI line."""
-        rc, out, err = self.prosodyctl("mod_invites", "generate", self.host, *flags)
+    def generate_invite(self, *flags: str, host: str | None = None) -> str:
+        """``prosodyctl mod_invites generate HOST FLAGS`` (HOST: localhost); returns the URI line."""
+        rc, out, err = self.prosodyctl("mod_invites", "generate", host or self.host, *flags)
         uris = [ln.strip() for ln in out.splitlines() if re.match(r"^\s*(xmpp:|https?://)", ln)]
         if rc != 0 or not uris:
             raise HarnessError(f"invite generation failed rc={rc}\nstdout:\n{out}\nstderr:\n{err}")
         return uris[-1]
 
-    def register_user(self, username: str, password: str) -> None:
+    def register_user(self, username: str, password: str, host: str | None = None) -> None:
         """Create an account with ``prosodyctl register USER HOST PASS`` (non-interactive)."""
-        rc, out, err = self.prosodyctl("register", username, self.host, password)
+        rc, out, err = self.prosodyctl("register", username, host or self.host, password)
         if rc != 0:
             raise HarnessError(f"prosodyctl register {username} failed rc={rc}\n{out}\n{err}")
 

@@ -107,11 +107,18 @@ class HttpResponse:
 
 
 def http_request(url: str, method: str = "GET", headers: dict | None = None, body: str | None = None,
-                 timeout: float = 10.0) -> HttpResponse:
-    """One request, no redirects followed (so 201/303 and their Location can be checked)."""
+                 timeout: float = 10.0, source_address: str | None = None) -> HttpResponse:
+    """One request, no redirects followed (so 201/303 and their Location can be checked).
+
+    source_address: the local address to connect from (e.g. "127.0.0.2": on Linux every
+    127.0.0.0/8 address is on loopback, so the server sees another client address).
+    """
     u = urllib.parse.urlsplit(url)
     assert u.scheme == "http", url
-    conn = http.client.HTTPConnection(u.hostname, u.port or 80, timeout=timeout)
+    conn = http.client.HTTPConnection(
+        u.hostname, u.port or 80, timeout=timeout,
+        source_address=(source_address, 0) if source_address else None,
+    )
     try:
         path = u.path or "/"
         if u.query:

@@ -350,9 +350,10 @@ class UnauthedSession:
         iq.append(payload)
         return await _send_iq(self.client, iq, timeout or self.timeout)
 
-    async def preauth(self, token: str, iq_type: str = "set", timeout: float | None = None) -> Outcome:
-        """<iq type=iq_type><preauth xmlns='urn:xmpp:pars:0' token=token/></iq>."""
-        return await self.iq(iq_type, preauth_element(token), timeout)
+    async def preauth(self, token: str, iq_type: str = "set", timeout: float | None = None,
+                      to: str | None = None) -> Outcome:
+        """<iq type=iq_type [to=to]><preauth xmlns='urn:xmpp:pars:0' token=token/></iq>."""
+        return await self.iq(iq_type, preauth_element(token), timeout, to=to)
 
     async def register(self, username: str, password: str, timeout: float | None = None, **fields: str) -> Outcome:
         """XEP-0077: <iq type='set'><query xmlns='jabber:iq:register'><username/><password/>...</query></iq>."""
