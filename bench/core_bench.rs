@@ -8,7 +8,7 @@
 use std::hint::black_box;
 use std::time::Instant;
 
-use prosody_invites::invites::{Invites, NewInvite};
+use prosody_invites::invites::{Invites, NewInvite, TokenStorage};
 use prosody_invites::record::{InviteKind, InviteRecord};
 use prosody_invites::state::Claim;
 use prosody_invites::store::MemoryBackend;
@@ -81,6 +81,23 @@ fn main() {
     measure("create (generate, hash, encode, store)", 500, |_| {
         black_box(book.create(spec(), 1000).expect("create"));
     });
+    // Sealing (invite_token_storage = "sealed"): what it adds per create and per listed invite.
+    let sealed = Invites::new(MemoryBackend::new(), "example.com")
+        .with_token_storage(TokenStorage::SealedWithKey([7; 32]));
+    measure("create, sealed", 500, |_| {
+        black_box(sealed.create(spec(), 1000).expect("create"));
+    });
+    let listed: Vec<(String, InviteRecord)> = (0..64)
+        .map(|_| {
+            let c = sealed.create(spec(), 1000).expect("create");
+            (c.key.clone(), c.record)
+        })
+        .collect();
+    measure("listed invite: open its sealed token", 2000, |i| {
+        let (key, record) = &listed[i % listed.len()];
+        black_box(sealed.token_of(key, record).expect("opens"));
+    });
+
     let token = book.create(spec(), 1000).expect("create").token;
     let token = token.expose().to_owned();
     measure("get / validate a valid token", 2000, |_| {

@@ -68,7 +68,9 @@ describe("prosody_invites core", function ()
 				"bad argument #2 to 'create' (integer expected, got number)");
 			helpers.raises(function () book:create(account(), "1"); end,
 				"bad argument #2 to 'create' (integer expected, got string)");
-			helpers.raises(function () book:create(account({ ttl = -1 }), now); end);
+			helpers.raises(function () book:create(account({ ttl = 1.5 }), now); end);
+			helpers.raises(function () book:create(account(), now, "not a function"); end,
+				"bad argument #3 to 'create' (function or nil expected, got string)");
 			helpers.raises(function () book:create(account({ type = "other" }), now); end);
 			helpers.raises(function () book:create(account({ max_uses = 0 }), now); end);
 			helpers.raises(function () book:create(account({ additional_data = { f = print } }), now); end);
@@ -193,14 +195,44 @@ describe("prosody_invites core", function ()
 	end);
 
 	describe("#listed()", function ()
-		it("should list by key with an id and no token", function ()
+		it("should list a hash-only invite by its handle, with no link", function ()
 			local created = assert(book:create(account(), now));
 			local key = helpers.only_key_for(store.data, created.id);
 			local listed = assert(book:listed(key, now));
 			assert.equal(created.id, listed.id);
-			assert.is_nil(listed.token);
+			assert.equal(key, listed.token); -- the handle: the token's SHA-256
 			assert.is_nil(listed.uri);
 			assert.is_nil(book:listed("not-a-key", now));
+		end);
+
+		it("should list a sealed invite with its token, link and landing page", function ()
+			local key_file = os.tmpname();
+			os.remove(key_file);
+			local sealed = core.new({ host = "example.com", invites = store, names = names,
+				token_storage = "sealed", key_file = key_file });
+			local created = assert(sealed:create(account(), now, function (invite)
+				invite.landing_page = "https://example.com/i?"..invite.token;
+				invite.additional_data = { note = "from a handler" };
+			end));
+			assert.is_nil(helpers.dump(store.data):find(created.token, 1, true));
+			local key = helpers.only_key_for(store.data, created.id);
+			local listed = assert(sealed:listed(key, now));
+			assert.equal(created.token, listed.token);
+			assert.equal(created.uri, listed.uri);
+			assert.equal("https://example.com/i?"..created.token, listed.landing_page);
+			assert.equal("from a handler", listed.additional_data.note);
+			-- Without the key (hash-only book on the same store): the handle, no link.
+			local relisted = assert(book:listed(key, now));
+			assert.equal(key, relisted.token);
+			assert.is_nil(relisted.landing_page);
+			os.remove(key_file);
+		end);
+
+		it("should store nothing when an invite-created handler raises", function ()
+			helpers.raises(function ()
+				book:create(account(), now, function () error("handler failed"); end);
+			end, "handler failed");
+			assert.is_nil(next(store.data));
 		end);
 	end);
 

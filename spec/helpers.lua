@@ -109,6 +109,11 @@ function helpers.fake_module(name, host, options)
 	function m:get_option_set(opt, default)
 		return require "util.set".new(self.options[opt] or default or {});
 	end
+	function m:get_option_path(opt, default)
+		local v = self.options[opt] or default;
+		if v == nil or v:sub(1, 1) == "/" then return v; end
+		return (os.getenv("TMPDIR") or "/tmp").."/"..v;
+	end
 	function m:get_directory() return helpers.plugins.."/mod_"..name; end
 	function m:open_store(store_name)
 		stores[store_name] = stores[store_name] or helpers.memory_store();

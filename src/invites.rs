@@ -10,10 +10,16 @@
 //! unauthenticated stream's stanzas to whichever host they name, so a hook of one host can
 //! be handed an invite checked by another.
 
+use std::cell::{Cell, OnceCell};
+use std::path::PathBuf;
+
 use serde_json::Value;
 
 use crate::error::{InviteError, StoreError};
-use crate::record::{InviteKind, InviteRecord, NameIndex, StoredState, RECORD_VERSION};
+use crate::record::{
+    InviteKind, InviteRecord, LandingPage, NameIndex, StoredState, RECORD_VERSION,
+};
+use crate::seal::{load_or_create_key, Sealer};
 use crate::state::{Claim, Status};
 use crate::store::{Backend, Level, Space};
 use crate::token::{short_id_of_key, Token};
@@ -35,6 +41,17 @@ pub struct NewInvite {
     pub reset: Option<String>,
     /// Roster invites: the local user whose contact the invitee becomes.
     pub inviter: Option<String>,
+}
+
+/// How tokens are kept at rest (`invite_token_storage`).
+#[derive(Debug)]
+pub enum TokenStorage {
+    /// Only the hash: no link can be shown again.
+    Hash,
+    /// Also sealed with the key in this file (made on first use), so listings can show links.
+    Sealed(PathBuf),
+    /// Sealed with this key (tests, benchmarks).
+    SealedWithKey([u8; 32]),
 }
 
 /// A freshly created invite: the only place the token is handed out.
@@ -77,20 +94,90 @@ pub struct LegacyInvite {
     pub reusable: bool,
     /// Set when the token was also stored as a contact invite of this user.
     pub contact_of: Option<String>,
+    /// The landing page Prosody stored with it (it holds the token; kept without it).
+    pub landing_page: Option<String>,
 }
 
 pub struct Invites<B: Backend> {
     backend: B,
     /// The virtual host whose invites these are.
     host: String,
+    storage: TokenStorage,
+    /// Loaded on first use (`None`: hash only, or the key could not be had).
+    sealer: OnceCell<Option<Sealer>>,
+    /// Said once: some sealed tokens do not open with this key.
+    warned_unopened: Cell<bool>,
 }
 
 impl<B: Backend> Invites<B> {
+    /// A book for `host` that keeps only hashes (see `with_token_storage`).
     pub fn new(backend: B, host: &str) -> Invites<B> {
         Invites {
             backend,
             host: host.to_ascii_lowercase(),
+            storage: TokenStorage::Hash,
+            sealer: OnceCell::new(),
+            warned_unopened: Cell::new(false),
         }
+    }
+
+    pub fn with_token_storage(mut self, storage: TokenStorage) -> Invites<B> {
+        self.storage = storage;
+        self.sealer = OnceCell::new();
+        self
+    }
+
+    /// The sealer, the key file read (or made) on first use. A key that cannot be had is
+    /// said once; invites are then kept as hashes only, and work all the same.
+    fn sealer(&self) -> Option<&Sealer> {
+        self.sealer
+            .get_or_init(|| match &self.storage {
+                TokenStorage::Hash => None,
+                TokenStorage::SealedWithKey(key) => Some(Sealer::new(key)),
+                TokenStorage::Sealed(path) => match load_or_create_key(path) {
+                    Ok(mut key) => {
+                        let sealer = Sealer::new(&key);
+                        key.fill(0);
+                        Some(sealer)
+                    }
+                    Err(e) => {
+                        self.backend.log(
+                            Level::Error,
+                            &format!(
+                                "invite_token_key_file {}: {e}; new invites are kept as hashes \
+                                 only (they work, but their links cannot be shown again)",
+                                path.display()
+                            ),
+                        );
+                        None
+                    }
+                },
+            })
+            .as_ref()
+    }
+
+    /// The token of a stored invite, where it was sealed and opens with our key. One
+    /// warning when a sealed token does not open (another key, or an edited record).
+    pub fn token_of(&self, key: &str, record: &InviteRecord) -> Option<Token> {
+        let sealed = record.sealed_token.as_deref()?;
+        let sealer = self.sealer()?;
+        let token = sealer.open(sealed, key);
+        if token.is_none() && !self.warned_unopened.replace(true) {
+            let file = match &self.storage {
+                TokenStorage::Sealed(path) => path.display().to_string(),
+                _ => String::from("(given key)"),
+            };
+            self.backend.log(
+                Level::Warn,
+                &format!(
+                    "the link of invite {} (and maybe others) cannot be shown: its token was \
+                     sealed with another key than invite_token_key_file {file}, or its record \
+                     was changed; the invite works, listings show it without a link",
+                    short_id_of_key(key)
+                ),
+            );
+        }
+        token
     }
 
     pub fn backend(&self) -> &B {
@@ -206,7 +293,17 @@ impl<B: Backend> Invites<B> {
         Ok(found)
     }
 
+    /// Creates and stores an invite (`prepare`, then `store_created`).
     pub fn create(&self, spec: NewInvite, now: i64) -> Result<Created, InviteError> {
+        let mut created = self.prepare(spec, now);
+        self.store_created(&mut created)?;
+        Ok(created)
+    }
+
+    /// A new invite with its token, not stored yet: `invite-created` handlers may still
+    /// change its `additional_data` and `landing_page` (set them on `record`, the landing
+    /// page with `LandingPage::without_token`).
+    pub fn prepare(&self, spec: NewInvite, now: i64) -> Created {
         let token = Token::generate();
         let hash = token.hash();
         let key = hash.key();
@@ -228,12 +325,21 @@ impl<B: Backend> Invites<B> {
             username: spec.username,
             reset: spec.reset,
             inviter: spec.inviter,
+            sealed_token: None,
+            landing_page: None,
         };
-        self.save(&key, &record)?;
-        if let Some(name) = reserved_name(&record) {
-            if let Err(e) = self.index_name(name, &key, record.expires) {
+        Created { token, key, record }
+    }
+
+    /// Stores an invite made by `prepare` (its token sealed, where tokens are).
+    pub fn store_created(&self, created: &mut Created) -> Result<(), InviteError> {
+        let Created { token, key, record } = created;
+        record.sealed_token = self.sealer().and_then(|s| s.seal(token, key));
+        self.save(key, record)?;
+        if let Some(name) = reserved_name(record) {
+            if let Err(e) = self.index_name(name, key, record.expires) {
                 // Without its reservation the invite must not exist: undo.
-                let _ = self.backend.put(Space::Invites, &key, None);
+                let _ = self.backend.put(Space::Invites, key, None);
                 return Err(e);
             }
         }
@@ -242,10 +348,10 @@ impl<B: Backend> Invites<B> {
             &format!(
                 "created {} invite {}",
                 record.kind.as_str(),
-                hash.short_id()
+                short_id_of_key(key)
             ),
         );
-        Ok(Created { token, key, record })
+        Ok(())
     }
 
     /// A valid invite for `token`, for account creation (`contact_of` = None) or for
@@ -494,6 +600,11 @@ impl<B: Backend> Invites<B> {
             username,
             reset,
             inviter,
+            sealed_token: self.sealer().and_then(|s| s.seal(&token, &key)),
+            landing_page: legacy
+                .landing_page
+                .as_deref()
+                .map(|url| LandingPage::without_token(url, &token)),
         };
         self.save(&key, &record)?;
         if let Some(name) = reserved_name(&record) {
@@ -912,6 +1023,7 @@ mod tests {
             expires: 2000,
             reusable: false,
             contact_of: None,
+            landing_page: None,
         };
         assert!(b
             .import_legacy("OldToken16chars_", legacy.clone(), 1000)
@@ -1171,6 +1283,7 @@ mod tests {
             expires,
             reusable: false,
             contact_of: None,
+            landing_page: None,
         };
         // Prosody's store takes any string as a token; it is found again by its hash.
         for token in ["with space", "plus+slash/eq=", "caf\u{e9};#"] {
@@ -1190,6 +1303,120 @@ mod tests {
         assert_eq!(
             b.import_legacy(&huge, legacy(2000), 1000).err(),
             Some(InviteError::TokenInvalid)
+        );
+    }
+
+    fn sealed_book(key: u8) -> Invites<MemoryBackend> {
+        book().with_token_storage(TokenStorage::SealedWithKey([key; 32]))
+    }
+
+    #[test]
+    fn sealed_tokens_are_stored_only_sealed_and_open_for_listings() {
+        let b = sealed_book(7);
+        let c = b.create(account(None), 1000).unwrap();
+        let t = c.token.expose();
+        assert!(!everything_stored(&b).contains(t));
+        let stored = b.load(&c.key).unwrap();
+        assert!(stored.sealed_token.is_some());
+        assert_eq!(b.token_of(&c.key, &stored).unwrap().expose(), t);
+        // Hash only: nothing to open.
+        let h = book();
+        let c2 = h.create(account(None), 1000).unwrap();
+        let stored2 = h.load(&c2.key).unwrap();
+        assert!(stored2.sealed_token.is_none());
+        assert!(h.token_of(&c2.key, &stored2).is_none());
+    }
+
+    #[test]
+    fn another_key_or_a_moved_seal_shows_no_link_and_warns_once() {
+        let backend = MemoryBackend::new();
+        let first =
+            Invites::new(&backend, HOST).with_token_storage(TokenStorage::SealedWithKey([1; 32]));
+        let a = first.create(account(None), 1000).unwrap();
+        let b2 = first.create(account(None), 1000).unwrap();
+        // The key file was replaced: the invites still work, their links are gone.
+        let second =
+            Invites::new(&backend, HOST).with_token_storage(TokenStorage::SealedWithKey([2; 32]));
+        for c in [&a, &b2] {
+            let r = second.load(&c.key).unwrap();
+            assert!(second.token_of(&c.key, &r).is_none());
+            assert!(second.validate(c.token.expose(), None, HOST, 1001).is_ok());
+        }
+        let warnings = backend
+            .logs
+            .borrow()
+            .iter()
+            .filter(|(l, m)| *l == Level::Warn && m.contains("invite_token_key_file"))
+            .count();
+        assert_eq!(warnings, 1);
+        // A sealed token copied into another record does not open there.
+        let mut moved = first.load(&b2.key).unwrap();
+        moved.sealed_token = first.load(&a.key).unwrap().sealed_token;
+        assert!(first.token_of(&b2.key, &moved).is_none());
+        assert!(first
+            .token_of(&a.key, &first.load(&a.key).unwrap())
+            .is_some());
+    }
+
+    #[test]
+    fn handlers_changes_are_stored_and_the_landing_page_without_its_token() {
+        let b = sealed_book(3);
+        let mut c = b.prepare(account(None), 1000);
+        // Not stored before store_created: invite-created handlers run in between.
+        assert_eq!(b.backend().count(Space::Invites), 0);
+        let url = format!("https://example.com/invite?{}&x=1", c.token.expose());
+        c.record.landing_page = Some(LandingPage::without_token(&url, &c.token));
+        c.record.additional_data = Some(serde_json::json!({"groups": ["default"]}));
+        b.store_created(&mut c).unwrap();
+        assert!(!everything_stored(&b).contains(c.token.expose()));
+        let found = b.validate(c.token.expose(), None, HOST, 1001).unwrap();
+        assert_eq!(found.record.landing_page.unwrap().with_token(&c.token), url);
+        assert_eq!(
+            found.record.additional_data,
+            Some(serde_json::json!({"groups": ["default"]}))
+        );
+    }
+
+    #[test]
+    fn a_negative_ttl_makes_an_invite_that_is_already_expired() {
+        let b = book();
+        let mut spec = account(None);
+        spec.ttl = -3600;
+        let c = b.create(spec, 10_000).unwrap();
+        assert_eq!(c.record.expires, 6400);
+        assert_eq!(
+            b.validate(c.token.expose(), None, HOST, 10_000).err(),
+            Some(InviteError::TokenExpired)
+        );
+    }
+
+    #[test]
+    fn imported_legacy_invites_are_sealed_with_their_landing_page() {
+        let b = sealed_book(9);
+        let token = "Legacy+Token/16=";
+        let legacy = LegacyInvite {
+            kind: InviteKind::Register,
+            jid: String::from(HOST),
+            allow_registration: true,
+            additional_data: None,
+            created_at: 900,
+            expires: 2000,
+            reusable: false,
+            contact_of: None,
+            landing_page: Some(String::from(
+                "https://example.com/invites_page?Legacy%2BToken%2F16%3D",
+            )),
+        };
+        assert!(b.import_legacy(token, legacy, 1000).unwrap());
+        assert!(!everything_stored(&b).contains(token));
+        assert!(!everything_stored(&b).contains("Legacy%2BToken"));
+        let key = Token::parse(token).unwrap().hash().key();
+        let record = b.load(&key).unwrap();
+        let opened = b.token_of(&key, &record).unwrap();
+        assert_eq!(opened.expose(), token);
+        assert_eq!(
+            record.landing_page.unwrap().with_token(&opened),
+            "https://example.com/invites_page?Legacy%2BToken%2F16%3D"
         );
     }
 }

@@ -2,6 +2,7 @@
 //!
 //! - `token.rs`: the secret token and the hash that stands for it everywhere else
 //! - `record.rs`: the storage layout and record encoding
+//! - `seal.rs`: tokens sealed at rest (AEAD) and the key file
 //! - `state.rs`: the invite state machine (pending → reserved → used / expired / revoked)
 //! - `store.rs`: the narrow storage interface the Lua shim provides
 //! - `invites.rs`: operations as read-check-write sequences over one record
@@ -15,6 +16,7 @@ pub mod error;
 pub mod invites;
 pub mod lua;
 pub mod record;
+pub mod seal;
 pub mod state;
 pub mod store;
 pub mod throttle;

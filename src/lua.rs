@@ -1,9 +1,10 @@
 //! The Lua adapter: converts between Lua values and the core, and nothing else.
 //!
 //! Exports (`require`d through `package.loadlib`):
-//! - `new{ host = "example.com", invites = store, names = store, log = function(level, message) }`
-//!   → book for that virtual host, where the stores are Prosody keyval stores
-//!   (`module:open_store(...)`).
+//! - `new{ host = "example.com", invites = store, names = store, log = function(level, message),
+//!   token_storage = "sealed" | "hash", key_file = path }` → book for that virtual host, where
+//!   the stores are Prosody keyval stores (`module:open_store(...)`); tokens are sealed with
+//!   the key in `key_file` (made on first use), or kept as hashes only.
 //! - book methods `create`, `get`, `reserve`, `confirm`, `release`, `use`, `revoke`,
 //!   `revoke_key`, `prune`, `username_reserved`, `listed`, `import_legacy` (see
 //!   `lua/mod_invites/mod_invites.lua`). `get`, `reserve`, `confirm` and `use` take the
@@ -24,8 +25,8 @@ use mlua::{
 
 use crate::duration::parse_duration;
 use crate::error::{InviteError, StoreError};
-use crate::invites::{record_uri, Found, Invites, LegacyInvite, NewInvite};
-use crate::record::{InviteKind, InviteRecord};
+use crate::invites::{record_uri, Found, Invites, LegacyInvite, NewInvite, TokenStorage};
+use crate::record::{InviteKind, InviteRecord, LandingPage};
 use crate::state::Claim;
 use crate::store::{Backend, Level, Space};
 use crate::throttle::Throttle;
@@ -312,11 +313,38 @@ fn invite_table(lua: &Lua, key: &str, r: &InviteRecord, now: i64) -> mlua::Resul
     Ok(t)
 }
 
+/// An invite with its token, URI and landing page, as Prosody's store gives it.
 fn with_token(lua: &Lua, found: &Found, token: &Token, now: i64) -> mlua::Result<Table> {
     let t = invite_table(lua, &found.key, &found.record, now)?;
     t.raw_set("token", token.expose())?;
     t.raw_set("uri", record_uri(&found.record, token))?;
+    if let Some(page) = &found.record.landing_page {
+        t.raw_set("landing_page", page.with_token(token))?;
+    }
     Ok(t)
+}
+
+/// A stored invite for listings: with its token where it was sealed and opens, otherwise
+/// with its handle (the storage key, the token's SHA-256) as `token`, and no link.
+fn listed_table(
+    lua: &Lua,
+    book: &Invites<LuaBackend>,
+    key: &str,
+    record: InviteRecord,
+    now: i64,
+) -> mlua::Result<Table> {
+    let found = Found {
+        key: key.to_owned(),
+        record,
+    };
+    match book.token_of(key, &found.record) {
+        Some(token) => with_token(lua, &found, &token, now),
+        None => {
+            let t = invite_table(lua, key, &found.record, now)?;
+            t.raw_set("token", key)?;
+            Ok(t)
+        }
+    }
 }
 
 /// Runs a method body so that a Rust panic becomes `nil, "internal-server-error"` and one
@@ -359,18 +387,21 @@ macro_rules! token_or_fail {
 
 impl UserData for Book {
     fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
-        methods.add_method("create", |lua, this, (spec, now): (Value, Value)| {
-            let Value::Table(spec) = spec else {
-                return Err(bad_argument(1, "create", "table", &spec));
-            };
-            let now = integer(&now, 2, "create")?;
-            let ttl = field_integer(&spec, "ttl", "create")?;
-            if ttl < 0 {
-                return Err(mlua::Error::RuntimeError(String::from(
-                    "bad field 'ttl' in argument to 'create' (non-negative integer expected)",
-                )));
-            }
-            let max_uses = match spec.raw_get::<Value>("max_uses")? {
+        methods.add_method(
+            "create",
+            |lua, this, (spec, now, on_created): (Value, Value, Value)| {
+                let Value::Table(spec) = spec else {
+                    return Err(bad_argument(1, "create", "table", &spec));
+                };
+                let now = integer(&now, 2, "create")?;
+                let on_created = match on_created {
+                    Value::Nil => None,
+                    Value::Function(f) => Some(f),
+                    other => return Err(bad_argument(3, "create", "function or nil", &other)),
+                };
+                // Any whole number, as Prosody takes it: a negative ttl makes an expired invite.
+                let ttl = field_integer(&spec, "ttl", "create")?;
+                let max_uses = match spec.raw_get::<Value>("max_uses")? {
                 Value::Nil => None,
                 v => match integer(&v, 0, "create") {
                     Ok(n) if (1..=i64::from(u32::MAX)).contains(&n) => u32::try_from(n).ok(),
@@ -379,8 +410,7 @@ impl UserData for Book {
                     ))),
                 },
             };
-            let new =
-                NewInvite {
+                let new = NewInvite {
                     kind: kind(&spec, "create")?,
                     jid: match opt_field_string(&spec, "jid", "create")? {
                         Some(j) if !j.is_empty() => j,
@@ -402,17 +432,34 @@ impl UserData for Book {
                     reset: opt_field_string(&spec, "reset", "create")?,
                     inviter: opt_field_string(&spec, "inviter", "create")?,
                 };
-            guarded(lua, this, "create", || match this.0.create(new, now) {
-                Ok(created) => {
+                guarded(lua, this, "create", || {
+                    let mut created = this.0.prepare(new, now);
                     let found = Found {
                         key: created.key.clone(),
                         record: created.record.clone(),
                     };
-                    success(lua, with_token(lua, &found, &created.token, now)?)
-                }
-                Err(e) => failure(lua, e),
-            })
-        });
+                    let invite = with_token(lua, &found, &created.token, now)?;
+                    // As Prosody: handlers of invite-created see the invite before it is
+                    // stored, and what they change in additional_data and landing_page is kept.
+                    if let Some(f) = on_created {
+                        f.call::<()>(invite.clone())?;
+                        created.record.additional_data = json_of(
+                            lua,
+                            invite.raw_get("additional_data")?,
+                            "additional_data",
+                            "create",
+                        )?;
+                        created.record.landing_page =
+                            opt_field_string(&invite, "landing_page", "create")?
+                                .map(|url| LandingPage::without_token(&url, &created.token));
+                    }
+                    match this.0.store_created(&mut created) {
+                        Ok(()) => success(lua, invite),
+                        Err(e) => failure(lua, e),
+                    }
+                })
+            },
+        );
 
         methods.add_method(
             "get",
@@ -570,7 +617,7 @@ impl UserData for Book {
             let key = string(key, 1, "listed")?;
             let now = integer(&now, 2, "listed")?;
             guarded(lua, this, "listed", || match this.0.listed(&key, now) {
-                Ok(Some(record)) => success(lua, invite_table(lua, &key, &record, now)?),
+                Ok(Some(record)) => success(lua, listed_table(lua, &this.0, &key, record, now)?),
                 Ok(None) => success(lua, Value::Nil),
                 Err(e) => failure(lua, e),
             })
@@ -600,6 +647,7 @@ impl UserData for Book {
                     expires: field_integer(&legacy, "expires", m)?,
                     reusable: opt_field_bool(&legacy, "reusable", m)?,
                     contact_of,
+                    landing_page: opt_field_string(&legacy, "landing_page", m)?,
                 };
                 guarded(lua, this, "import_legacy", || {
                     match this.0.import_legacy(&token, legacy, now) {
@@ -683,6 +731,27 @@ pub fn exports(lua: &Lua) -> mlua::Result<Table> {
                     ))
                 }
             };
+            // Sealed with a key file where one is named; "hash" keeps hashes only.
+            let key_file = opt_field_string(&config, "key_file", "new")?;
+            let storage = match opt_field_string(&config, "token_storage", "new")?.as_deref() {
+                Some("hash") => TokenStorage::Hash,
+                None if key_file.is_none() => TokenStorage::Hash,
+                Some("sealed") | None => match key_file {
+                    Some(path) if !path.is_empty() => TokenStorage::Sealed(path.into()),
+                    _ => {
+                        return Err(mlua::Error::RuntimeError(String::from(
+                            "bad field 'key_file' in argument to 'new' (a path expected \
+                             with token_storage \"sealed\")",
+                        )))
+                    }
+                },
+                Some(_) => {
+                    return Err(mlua::Error::RuntimeError(String::from(
+                        "bad field 'token_storage' in argument to 'new' \
+                         (\"sealed\" or \"hash\" expected)",
+                    )))
+                }
+            };
             let backend = LuaBackend {
                 lua: lua.weak(),
                 invites,
@@ -690,7 +759,9 @@ pub fn exports(lua: &Lua) -> mlua::Result<Table> {
                 log,
                 account_exists,
             };
-            lua.create_userdata(Book(Invites::new(backend, &host)))
+            lua.create_userdata(Book(
+                Invites::new(backend, &host).with_token_storage(storage),
+            ))
         })?,
     )?;
     exports.set(

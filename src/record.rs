@@ -12,7 +12,8 @@
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
-use crate::token::{TokenHash, HASH_TAG};
+use crate::token::{Token, TokenHash, HASH_TAG};
+use crate::uri::escape_token;
 
 pub const RECORD_VERSION: u32 = 1;
 
@@ -87,6 +88,46 @@ pub struct InviteRecord {
     /// Roster invites: the local user whose contact the invitee becomes.
     #[serde(default)]
     pub inviter: Option<String>,
+    /// The token, sealed (see `seal.rs`), where `invite_token_storage = "sealed"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sealed_token: Option<String>,
+    /// The landing page `invite-created` handlers gave the invite, without its token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub landing_page: Option<LandingPage>,
+}
+
+/// A landing page URL kept without its token: the text around each place the token stood,
+/// to be joined with the token again when it is known.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct LandingPage {
+    pub parts: Vec<String>,
+    /// The token stood there percent-escaped (a token that is not base64url, in a URL).
+    #[serde(default)]
+    pub escaped: bool,
+}
+
+impl LandingPage {
+    pub fn without_token(url: &str, token: &Token) -> LandingPage {
+        let raw = token.expose();
+        let escaped = escape_token(raw);
+        let (needle, escaped) = if url.contains(raw) || escaped == raw {
+            (raw, false)
+        } else {
+            (escaped.as_str(), true)
+        };
+        LandingPage {
+            parts: url.split(needle).map(str::to_owned).collect(),
+            escaped,
+        }
+    }
+
+    pub fn with_token(&self, token: &Token) -> String {
+        if self.escaped {
+            self.parts.join(&escape_token(token.expose()))
+        } else {
+            self.parts.join(token.expose())
+        }
+    }
 }
 
 /// Why a stored value could not be read as a record. Holds no secrets.
@@ -196,6 +237,8 @@ pub(crate) mod tests {
             username: None,
             reset: None,
             inviter: None,
+            sealed_token: None,
+            landing_page: None,
         }
     }
 

@@ -88,26 +88,22 @@ impl fmt::Display for Token {
 pub struct TokenHash([u8; 32]);
 
 impl TokenHash {
-    /// Parses the 64 hex digits used as a storage key.
+    /// Parses the 64 lowercase hex digits used as a storage key.
     pub fn from_key(key: &str) -> Option<TokenHash> {
-        if key.len() != 64 {
+        if !key
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
             return None;
         }
         let mut out = [0u8; 32];
-        for (i, pair) in key.as_bytes().chunks(2).enumerate() {
-            out[i] = (hex_value(pair[0])? << 4) | hex_value(pair[1])?;
-        }
+        hex::decode_to_slice(key, &mut out).ok()?;
         Some(TokenHash(out))
     }
 
     /// The storage key: 64 lowercase hex digits.
     pub fn key(&self) -> String {
-        let mut s = String::with_capacity(64);
-        for b in self.0 {
-            s.push(char::from(HEX[usize::from(b >> 4)]));
-            s.push(char::from(HEX[usize::from(b & 0xf)]));
-        }
-        s
+        hex::encode(self.0)
     }
 
     /// The form kept inside a record: `sha256:` and the key.
@@ -140,16 +136,6 @@ impl fmt::Debug for TokenHash {
 pub fn short_id_of_key(key: &str) -> String {
     let start = key.len().saturating_sub(SHORT_ID_LEN);
     key.get(start..).unwrap_or(key).to_owned()
-}
-
-const HEX: &[u8; 16] = b"0123456789abcdef";
-
-fn hex_value(c: u8) -> Option<u8> {
-    match c {
-        b'0'..=b'9' => Some(c - b'0'),
-        b'a'..=b'f' => Some(c - b'a' + 10),
-        _ => None,
-    }
 }
 
 fn base64url(bytes: &[u8]) -> String {

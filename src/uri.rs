@@ -10,13 +10,22 @@ pub fn invite_uri(action: &str, jid: &str, token: &str, params: Option<&str>) ->
     uri.push_str(";preauth=");
     // Ours are base64url and pass as they are; a token imported from Prosody's store may
     // hold anything, and must not end the parameter early (`;`, `#`, …).
-    push_escaped(&mut uri, token, b"-._~");
+    push_escaped(&mut uri, token, TOKEN_KEEP);
     if let Some(p) = params {
         uri.push(';');
         uri.push_str(p);
     }
     uri
 }
+
+/// A token as it stands in a URL: ours (base64url) unchanged, anything else escaped.
+pub fn escape_token(token: &str) -> String {
+    let mut out = String::with_capacity(token.len());
+    push_escaped(&mut out, token, TOKEN_KEEP);
+    out
+}
+
+const TOKEN_KEEP: &[u8] = b"-._~";
 
 /// Appends `text`, percent-escaping every byte but ASCII letters, digits and `keep`.
 fn push_escaped(uri: &mut String, text: &str, keep: &[u8]) {

@@ -81,6 +81,31 @@ if not open_core then
 end
 local core = open_core();
 
+local pack = table.pack or function (...) return { n = select("#", ...), ... }; end;
+local unpack = table.unpack or unpack; -- luacheck: ignore 113
+
+-- The core raises its errors as mlua values, which a Lua caller can neither print nor
+-- concatenate (mod_admin_shell fails on them): every call into the book goes through this
+-- proxy, which raises the first line of the message as a string instead.
+local function text_error(err)
+	return (tostring(err):match("^[^\n]*"):gsub("^runtime error: ", ""));
+end
+local function with_text_errors(object)
+	return setmetatable({}, { __index = function (proxy, name)
+		local method = object[name];
+		if type(method) ~= "function" then return method; end
+		local function call(_, ...)
+			local result = pack(pcall(method, object, ...));
+			if not result[1] then
+				error(text_error(result[2]), 2);
+			end
+			return unpack(result, 2, result.n);
+		end
+		rawset(proxy, name, call);
+		return call;
+	end });
+end
+
 -- Seconds, or a period such as "1 week" or "3d" (Prosody 13 style) on every version, of at
 -- least `min` seconds. With `can_be_off`, zero (0, "0s", …), false or "never" mean off
 -- (returns nil). A value that is none of these is logged and the default used.
@@ -113,16 +138,34 @@ local function period_option(name, default, min, can_be_off)
 	return seconds;
 end
 
-local default_ttl = period_option("invite_expiry", 86400 * 7, 1);
+-- Options, read once at load and again when prosodyctl points this (global) instance at a
+-- host: the module is then already loaded globally and cannot be loaded for the host.
+local default_ttl, retention, prune_interval, reservation_lease, token_storage, key_file;
+local function read_options()
+	default_ttl = period_option("invite_expiry", 86400 * 7, 1);
 
--- Finished (used, revoked, expired) invites are kept this long, then pruned.
-local retention = period_option("invite_retention", 7 * 86400, 0);
-local prune_interval = period_option("invite_prune_interval", 3600, 1, true);
+	-- Finished (used, revoked, expired) invites are kept this long, then pruned.
+	retention = period_option("invite_retention", 7 * 86400, 0);
+	prune_interval = period_option("invite_prune_interval", 3600, 1, true);
 
--- How long a registration may take between user-registering and user-registered before
--- the use it holds is given back (it is given back at once when registration fails). Only
--- a server that died mid-registration leaves a reservation to lapse.
-local reservation_lease = period_option("invite_reservation_lease", 120, 1);
+	-- How long a registration may take between user-registering and user-registered before
+	-- the use it holds is given back (it is given back at once when registration fails).
+	-- Only a server that died mid-registration leaves a reservation to lapse.
+	reservation_lease = period_option("invite_reservation_lease", 120, 1);
+
+	-- Tokens at rest: "sealed" (default) keeps each token encrypted with the key in
+	-- invite_token_key_file, so listings can show links again; "hash" keeps nothing usable.
+	token_storage = module:get_option_string("invite_token_storage", "sealed");
+	if token_storage ~= "sealed" and token_storage ~= "hash" then
+		module:log("error", "Option invite_token_storage = %q is neither \"sealed\" nor \"hash\"; using \"sealed\"",
+			token_storage);
+		token_storage = "sealed";
+	end
+	-- Outside the invite store: a copy of the store (a database dump) without this file
+	-- holds no usable token. One key for every host of the server.
+	key_file = module:get_option_path("invite_token_key_file", "invite_token.key", "data");
+end
+read_options();
 
 local book;
 local invite_store;
@@ -133,8 +176,10 @@ end
 
 local function open_book()
 	invite_store = module:open_store("invites");
-	book = core.new({
+	book = with_text_errors(core.new({
 		host = module.host;
+		token_storage = token_storage;
+		key_file = key_file;
 		invites = invite_store;
 		names = module:open_store("invites_by_username");
 		log = log_from_core;
@@ -142,7 +187,7 @@ local function open_book()
 		account_exists = function (username)
 			return usermanager.user_exists(username, module.host);
 		end;
-	});
+	}));
 end
 
 -- Opened on first use: in prosodyctl the host's storage exists only once a command set it up.
@@ -207,14 +252,22 @@ else
 	};
 end
 
+-- As Prosody: invite-created fires before the invite is stored, and what its handlers
+-- change in additional_data and landing_page is stored with it.
+local function fire_invite_created(invite)
+	module:fire_event("invite-created", invite);
+end
+
 local function create_invite(spec)
-	spec.ttl = math.floor(spec.ttl or default_ttl);
-	local invite, err = get_book():create(spec, os.time());
+	if spec.ttl ~= nil and (type(spec.ttl) ~= "number" or spec.ttl ~= math.floor(spec.ttl)) then
+		error("bad argument 'ttl' (whole number of seconds expected, got "..type(spec.ttl)..")", 3);
+	end
+	spec.ttl = spec.ttl or default_ttl;
+	local invite, err = get_book():create(spec, os.time(), fire_invite_created);
 	if not invite then
 		return nil, err; -- the core has logged what failed
 	end
 	created_metric:with_labels(spec.reset and "reset" or spec.type):add(1);
-	module:fire_event("invite-created", invite);
 	return invite;
 end
 
@@ -236,7 +289,9 @@ local invites_page_supports = module:get_option_set("invites_page_supports", { "
 module:hook("invite-created", function (invite)
 	if not invite_url_template or invite.landing_page then return; end
 	local invite_type;
-	if invite.type == "register" then
+	if invite.reset then
+		invite_type = "password-reset"; -- as Prosody 13.0.2 and later
+	elseif invite.type == "register" then
 		invite_type = "account";
 	elseif invite.type == "roster" then
 		invite_type = invite.allow_registration and "account-and-contact" or "contact-only";
@@ -315,8 +370,16 @@ function create_group(group_ids, additional_data, ttl) --luacheck: ignore 131/cr
 	});
 end
 
+-- A listed invite's handle where its token cannot be had (hash storage, another key): the
+-- SHA-256 of the token, which is also its storage key. Not a secret, and never a token:
+-- only the admin functions below take it.
+local function is_handle(ref)
+	return type(ref) == "string" and #ref == 64 and ref:match("^[0-9a-f]+$") ~= nil;
+end
+
 -- Iterates pending (unexpired, unused, not revoked) invites that allow registration.
--- Yields id, invite: listed invites carry a short non-secret `id`, never the token.
+-- Yields token, invite as Prosody does, with the token, uri and landing_page where the
+-- token was sealed; otherwise `token` is the invite's handle and there is no link.
 function pending_account_invites() --luacheck: ignore 131/pending_account_invites
 	local now = os.time();
 	local invites = get_book();
@@ -328,20 +391,37 @@ function pending_account_invites() --luacheck: ignore 131/pending_account_invite
 			local invite = invites:listed(owner, now);
 			if invite and invite.allow_registration
 			and (invite.status == "pending" or invite.status == "reserved") then
-				return invite.id, invite;
+				return invite.token, invite;
 			end
 		end
 	end;
 end
 
+-- A valid invite by token, or by handle (see pending_account_invites).
 function get_account_invite_info(token) --luacheck: ignore 131/get_account_invite_info
-	return get_book():get(token, nil, module.host, os.time());
+	local now = os.time();
+	local invite, err = get_book():get(token, nil, module.host, now);
+	if not invite and err == "token-invalid" and is_handle(token) then
+		local listed = get_book():listed(token, now);
+		if listed and (listed.status == "pending" or listed.status == "reserved") then
+			return listed;
+		end
+	end
+	return invite, err;
 end
 
--- Revokes an invite; takes effect at once, also for sessions that already sent preauth.
+-- Revokes an invite, by token or handle; takes effect at once, also for sessions that
+-- already sent preauth. As Prosody's, true also when there is nothing left to revoke.
 function delete_account_invite(token) --luacheck: ignore 131/delete_account_invite
-	local invite, err = get_book():revoke(token, os.time());
+	local now = os.time();
+	local invite, err = get_book():revoke(token, now);
+	if not invite and err == "token-invalid" and is_handle(token) then
+		invite, err = get_book():revoke_key(token, now);
+	end
 	if not invite then
+		if err == "token-invalid" then
+			return true; -- gone already (or never was)
+		end
 		return nil, err;
 	end
 	module:log("info", "Invite %s revoked", invite.id);
@@ -491,8 +571,6 @@ local function throttled_response(style, retry_after)
 end
 
 local guarded_routes = setmetatable({}, { __mode = "k" });
-local pack = table.pack or function (...) return { n = select("#", ...), ... }; end;
-local unpack = table.unpack or unpack; -- luacheck: ignore 113
 
 local function guard_route(handler, style)
 	local function guarded(event, ...)
@@ -544,7 +622,16 @@ local function migrate_legacy_invites()
 	-- Returns false when the entry should stay for the next start (a storage failure);
 	-- an entry that can never be imported (no usable token) is dropped, once, with a warning.
 	local function import(token, invite, inviter)
-		local ok, err = get_book():import_legacy(token, invite, inviter, now);
+		local ok, err = get_book():import_legacy(token, {
+			type = invite.type;
+			jid = invite.jid;
+			allow_registration = not not invite.allow_registration;
+			additional_data = type(invite.additional_data) == "table" and invite.additional_data or nil;
+			created_at = math.floor(invite.created_at);
+			expires = math.floor(invite.expires);
+			reusable = not not invite.reusable;
+			landing_page = type(invite.landing_page) == "string" and invite.landing_page or nil;
+		}, inviter, now);
 		if ok == nil and err == "internal-server-error" then
 			failed = failed + 1;
 			module:log("warn", "Could not import an invite of mod_invites: %s", err);
@@ -790,6 +877,13 @@ function show_lines(ref) --luacheck: ignore 131/show_lines
 		"expires:     "..when(invite.expires).." UTC";
 		"uses:        "..uses_text(invite);
 	};
+	-- The one place a link is shown again: an admin asking for this invite.
+	if invite.uri then
+		table.insert(lines, "link:        "..invite.uri);
+	end
+	if invite.landing_page then
+		table.insert(lines, "page:        "..invite.landing_page);
+	end
 	local data = invite.additional_data;
 	if type(data) == "table" then
 		local roles = {};
@@ -1123,10 +1217,11 @@ function module.command(arg)
 		usermanager.initialize_host(host);
 	end
 	module.host = host; --luacheck: ignore 122/module
+	read_options();
 	open_book();
 
-	-- Load mod_invites for the host, and the landing page module if the host enables it,
-	-- so invite-created handlers (landing_page) run as they would in the server.
+	-- Load the landing page module if the host enables it, so invite-created handlers
+	-- (landing_page) run as they would in the server.
 	local invites = module:depends("invites");
 	if command == "generate" then
 		local invites_page_module = module:get_option_string("invites_page_module", "invites_page");

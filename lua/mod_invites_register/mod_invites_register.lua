@@ -260,6 +260,9 @@ local function subscribe(host, user_username, contact_username)
 end
 
 local function import_groups(username, groups)
+	if modulemanager.is_loaded(module.host, "invites_groups") then
+		return; -- mod_invites_groups adds them (as Prosody 13's own mod_invites defers to it)
+	end
 	local mod_groups = modulemanager.get_module(module.host, "groups_internal");
 	if not mod_groups then
 		module:log("warn", "Invite for %s names groups, but mod_groups_internal is not loaded", username);

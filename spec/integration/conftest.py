@@ -78,6 +78,18 @@ def storage(request):
     return request.param
 
 
+def storage_fixture(*names):
+    """A `storage` fixture for one test module that runs on `names` only (as far as
+    INVITES_STORAGE allows; none left: its tests are skipped). In the module:
+    ``storage = storage_fixture("internal", "sql")``."""
+
+    @pytest.fixture(params=[s for s in names if s in _storages()])
+    def storage(request):
+        return request.param
+
+    return storage
+
+
 @pytest.fixture(scope="session")
 def pgsql():
     """The run's shared PostgreSQL (harness.PgsqlCluster), started on first use; fails if unavailable."""
@@ -98,6 +110,12 @@ def make_server(storage, request):
 
     def factory(**kw):
         kw.setdefault("storage", storage)
+        if kw.get("third_party"):
+            missing = harness.third_party_missing()
+            if missing and os.environ.get("CI", "") in ("", "0", "false"):
+                pytest.skip(missing)
+            if missing:
+                pytest.fail(missing + " (CI: the third-party modules must be there)", pytrace=False)
         problem = None
         try:
             srv = harness.ProsodyServer(**kw)

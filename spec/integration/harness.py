@@ -79,11 +79,26 @@ class ImplementationMissing(HarnessError):
     """INVITES_IMPL=ours but the built plugins are not there."""
 
 
+class ThirdPartyMissing(HarnessError):
+    """../shared/third-party (or INVITES_THIRD_PARTY_DIR) is not there: skipped, failed under CI."""
+
+
 class PgsqlUnavailable(HarnessError):
     """storage="pgsql" but there is no PostgreSQL to start (or to reach with INVITES_PGSQL_DSN)."""
 
 
 STORAGES = ("internal", "sql", "pgsql")
+
+
+def third_party_dir() -> Path:
+    """The third-party modules for the Prosody version under test."""
+    return THIRD_PARTY / ("prosody-13" if prosody_major_version() >= 13 else "prosody-0.12")
+
+
+def third_party_missing() -> str | None:
+    """Why the third-party modules cannot be used, or None."""
+    d = third_party_dir()
+    return None if d.is_dir() else f"third-party modules not found at {d} (set INVITES_THIRD_PARTY_DIR)"
 
 
 def invites_impl() -> str:
@@ -662,7 +677,8 @@ class ProsodyServer:
     extra_hosts: {host: {option: value}} more VirtualHosts after the first, each with the
         same modules_enabled (plus its own options, rendered with lua_value()).
     third_party: also put the third-party modules for this Prosody version
-        (THIRD_PARTY/prosody-13 or prosody-0.12) on plugin_paths, after ours.
+        (THIRD_PARTY/prosody-13 or prosody-0.12) on plugin_paths, after ours and before the
+        test stand-ins (so the real mod_groups_internal is used).
     """
 
     def __init__(
@@ -752,15 +768,16 @@ class ProsodyServer:
         paths = []
         if self.impl == "ours":
             paths.append(str(BUILD_PLUGINS))
+        if self.third_party:
+            # Before the test stand-ins: the real mod_groups_internal wins over ours.
+            missing = third_party_missing()
+            if missing:
+                raise ThirdPartyMissing(missing)
+            paths.append(str(third_party_dir()))
         if self.testhook:
             paths.append(str(TEST_PLUGINS))
         if prosody_major_version() < 13:
             paths.append(str(TEST_PLUGINS_012))
-        if self.third_party:
-            version_dir = THIRD_PARTY / ("prosody-13" if prosody_major_version() >= 13 else "prosody-0.12")
-            if not version_dir.is_dir():
-                raise HarnessError(f"third-party modules not found at {version_dir} (INVITES_THIRD_PARTY_DIR)")
-            paths.append(str(version_dir))
         return paths
 
     @property

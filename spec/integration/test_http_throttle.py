@@ -32,6 +32,7 @@ import pytest
 
 import web_helpers
 import xmpp
+from conftest import storage_fixture
 from web_helpers import http_request, start_web_server, token_of_landing_page
 
 THROTTLED_TEXT = "Too many invalid invitations from your address, please try again later"
@@ -47,16 +48,7 @@ FORWARDED = "192.0.2.7"  # X-Forwarded-For value, from 127.0.0.1 (a trusted prox
 MODULES = web_helpers.WEB_MODULES + ("invites_register_api", "http_openmetrics")
 
 
-def _storages():
-    """internal and sql, as far as INVITES_STORAGE allows (none left: the tests are skipped)."""
-    want = [s.strip() for s in os.environ.get("INVITES_STORAGE", "").split(",") if s.strip()]
-    return [s for s in ("internal", "sql") if not want or s in want]
-
-
-@pytest.fixture(params=_storages())
-def storage(request):
-    """Overrides conftest's storage fixture: no PostgreSQL for these tests."""
-    return request.param
+storage = storage_fixture("internal", "sql")
 
 
 def guess() -> str:

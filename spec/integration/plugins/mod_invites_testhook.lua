@@ -192,6 +192,13 @@ function helpers.module_info()
 	};
 end
 
+-- More helpers from other test modules (mod_thirdparty_testhook), answered the same way.
+function add_helpers(more) --luacheck: ignore 131/add_helpers
+	for name, fn in pairs(more) do
+		helpers[name] = fn;
+	end
+end
+
 local function pack(...) return { n = select("#", ...), ... }; end
 
 local function handle_call(event)
