@@ -43,7 +43,7 @@ all: build
 build:
 	cargo build --release --target-dir $(TARGET_DIR) --features "$(LUA_FEATURE) module"
 	mkdir -p $(PLUGINS)/mod_invites $(PLUGINS)/mod_invites_register
-	cp lua/mod_invites/mod_invites.lua $(PLUGINS)/mod_invites/
+	cp lua/mod_invites/mod_invites.lua lua/mod_invites/*.lib.lua $(PLUGINS)/mod_invites/
 	cp lua/mod_invites_register/mod_invites_register.lua $(PLUGINS)/mod_invites_register/
 	# install writes a new file: overwriting a loaded shared library in place crashes the
 	# Prosody that has it mapped (a live server during an upgrade, a test server here).
@@ -58,7 +58,7 @@ deps:
 	sh .ci/deps
 
 run: deps build
-	$(PYTHON) spec/integration/devserver.py
+	$(PYTHON) tools/devserver.py
 
 test: deps build test-rust test-busted test-lua-versions test-integration test-prosody13
 
@@ -103,6 +103,7 @@ bench-core:
 lint:
 	cargo fmt --check
 	cargo clippy --features lua54 --all-targets -- -D warnings
+	luacheck -q .
 
 clean:
 	rm -rf $(BUILD) fuzz/target fuzz/artifacts

@@ -8,11 +8,11 @@
 use std::hint::black_box;
 use std::time::Instant;
 
-use prosody_invites::invites::{Invites, NewInvite, TokenStorage};
+use prosody_invites::book::{Book, NewInvite, TokenStorage};
 use prosody_invites::record::{InviteKind, InviteRecord};
 use prosody_invites::state::Claim;
 use prosody_invites::store::MemoryBackend;
-use prosody_invites::token::Token;
+use prosody_invites::token::{Token, TokenHash};
 
 const BATCHES: usize = 101;
 
@@ -62,40 +62,40 @@ fn main() {
         black_box(Token::parse(black_box("AbCdEfGhIjKlMnOpQrStUvWx")).is_ok());
     });
 
-    let book = Invites::new(MemoryBackend::new(), "example.com");
+    let book = Book::new(MemoryBackend::new(), "example.com");
     let created = book.create(spec(), 1000).expect("create");
     let text = created.record.encode();
-    let key = created.key.clone();
+    let hash = created.hash;
     measure("record encode (JSON)", 2000, |_| {
         black_box(created.record.encode());
     });
     measure("record decode + checks", 2000, |_| {
-        black_box(InviteRecord::decode(&text, &key).is_ok());
+        black_box(InviteRecord::decode(&text, &hash).is_ok());
     });
     measure("status / validity check", 2000, |_| {
         black_box(created.record.check_valid(black_box(1500)).is_ok());
     });
 
     // Whole operations through the core, over the in-memory backend.
-    let book = Invites::new(MemoryBackend::new(), "example.com");
+    let book = Book::new(MemoryBackend::new(), "example.com");
     measure("create (generate, hash, encode, store)", 500, |_| {
         black_box(book.create(spec(), 1000).expect("create"));
     });
     // Sealing (invite_token_storage = "sealed"): what it adds per create and per listed invite.
-    let sealed = Invites::new(MemoryBackend::new(), "example.com")
+    let sealed = Book::new(MemoryBackend::new(), "example.com")
         .with_token_storage(TokenStorage::SealedWithKey([7; 32]));
     measure("create, sealed", 500, |_| {
         black_box(sealed.create(spec(), 1000).expect("create"));
     });
-    let listed: Vec<(String, InviteRecord)> = (0..64)
+    let listed: Vec<(TokenHash, InviteRecord)> = (0..64)
         .map(|_| {
             let c = sealed.create(spec(), 1000).expect("create");
-            (c.key.clone(), c.record)
+            (c.hash, c.record)
         })
         .collect();
     measure("listed invite: open its sealed token", 2000, |i| {
-        let (key, record) = &listed[i % listed.len()];
-        black_box(sealed.token_of(key, record).expect("opens"));
+        let (hash, record) = &listed[i % listed.len()];
+        black_box(sealed.token_of(hash, record).expect("opens"));
     });
 
     let token = book.create(spec(), 1000).expect("create").token;

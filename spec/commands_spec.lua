@@ -21,6 +21,7 @@ describe("prosodyctl mod_invites", function ()
 			prosody = { process_type = "prosodyctl", hosts = { ["example.com"] = { users = { name = "internal_hashed" } } } };
 			print = function (...) table.insert(printed, table.concat({ ... }, " ")); end;
 		}, { __index = _G });
+		m.environment = env;
 		assert(loadfile(helpers.repo.."/lua/mod_invites/mod_invites.lua", "t", env))();
 		m.provides = { invites = env };
 	end);

@@ -80,6 +80,18 @@ function helpers.dump(v, seen)
 	return "{"..table.concat(parts, ",").."}";
 end
 
+-- Stand-ins for the Prosody core modules the shims require; returns the set of usernames
+-- that exist, as usermanager.user_exists reports them.
+function helpers.fake_prosody_core()
+	local existing_users = {};
+	package.loaded["core.usermanager"] = {
+		user_exists = function (username) return existing_users[username] == true; end;
+	};
+	package.loaded["core.modulemanager"] = { get_module = function () return nil; end };
+	package.loaded["core.rostermanager"] = {};
+	return existing_users;
+end
+
 -- A fake Prosody `module` for loading a shim outside Prosody.
 function helpers.fake_module(name, host, options)
 	local stores = {};
@@ -114,8 +126,13 @@ function helpers.fake_module(name, host, options)
 		if v == nil or v:sub(1, 1) == "/" then return v; end
 		return (os.getenv("TMPDIR") or "/tmp").."/"..v;
 	end
-	function m:get_directory() return helpers.plugins.."/mod_"..name; end
-	function m:open_store(store_name)
+	function m.get_directory() return helpers.plugins.."/mod_"..name; end
+	-- module:require(lib): NAME.lib.lua from the module's folder, in its environment.
+	function m:require(lib)
+		local env = assert(self.environment, "set module.environment before loading the shim");
+		return assert(loadfile(helpers.repo.."/lua/mod_"..name.."/"..lib..".lib.lua", "t", env))();
+	end
+	function m.open_store(_, store_name)
 		stores[store_name] = stores[store_name] or helpers.memory_store();
 		return stores[store_name];
 	end
@@ -135,7 +152,7 @@ function helpers.fake_module(name, host, options)
 		table.sort(self.hooks[event_name], function (a, b) return a.priority > b.priority; end);
 	end
 	function m:wrap_event(event_name, wrapper) self.wrapped[event_name] = wrapper; end
-	function m:shared() return {}; end
+	function m.shared() return {}; end
 	function m:depends(dep)
 		table.insert(self.dependencies, dep);
 		return self.provides and self.provides[dep];
@@ -143,9 +160,9 @@ function helpers.fake_module(name, host, options)
 	function m:send(stanza) table.insert(self.sent, stanza); end
 	-- Counters as Prosody's module:metric returns them; values in m.metrics[name][label].
 	m.metrics = {};
-	function m:metric(_, name)
+	function m:metric(_, metric_name)
 		local counts = {};
-		self.metrics[name] = counts;
+		self.metrics[metric_name] = counts;
 		return { with_labels = function (_, label)
 			return { add = function (_, n) counts[label] = (counts[label] or 0) + n; end };
 		end };
@@ -162,6 +179,7 @@ function helpers.load_shim(name, host, options, prosody_table, provides)
 	m.provides = provides;
 	local env = setmetatable({ module = m; prosody = prosody_table or { process_type = "prosody", hosts = {} } },
 		{ __index = _G });
+	m.environment = env;
 	local path = repo.."/lua/mod_"..name.."/mod_"..name..".lua";
 	local chunk = assert(loadfile(path, "t", env));
 	chunk();

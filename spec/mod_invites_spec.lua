@@ -3,21 +3,14 @@
 
 local helpers = require "spec.helpers";
 
-local existing_users = {};
-package.loaded["core.usermanager"] = {
-	user_exists = function (username) return existing_users[username] == true; end;
-};
-package.loaded["core.modulemanager"] = { get_module = function () return nil; end };
-package.loaded["core.rostermanager"] = {};
-
-local st = require "util.stanza";
+local existing_users = helpers.fake_prosody_core();
 
 local function load_invites(options)
 	return helpers.load_shim("invites", "example.com", options);
 end
 
 describe("mod_invites", function ()
-	before_each(function () existing_users = {}; end);
+	before_each(function () for name in pairs(existing_users) do existing_users[name] = nil; end end);
 
 	describe("#create_account()", function ()
 		it("should fire invite-created before returning, so handlers can add landing_page", function ()
@@ -28,6 +21,20 @@ describe("mod_invites", function ()
 			assert.equal(invite, m.events[1][2]);
 			assert.equal("https://example.com/i", invite.landing_page);
 			assert.is_nil(helpers.dump(m.stores).find(helpers.dump(m.stores), invite.token, 1, true));
+		end);
+
+		it("should store what invite-created handlers change, also when they wait", function ()
+			local env, m = load_invites();
+			m:hook("invite-created", function (invite)
+				coroutine.yield(); -- e.g. util.async waiting on a web hook
+				invite.additional_data = { groups = { "default" } };
+			end);
+			local co = coroutine.create(function () return env.create_account(); end);
+			assert(coroutine.resume(co));
+			assert.is_nil(next(m:open_store("invites").data)); -- nothing stored while it waits
+			local ok, invite = coroutine.resume(co);
+			assert(ok and invite, invite);
+			assert.same({ groups = { "default" } }, assert(env.get_account_invite_info(invite.token)).additional_data);
 		end);
 
 		it("should use invite_expiry, in seconds or as a period", function ()
@@ -111,6 +118,16 @@ describe("mod_invites", function ()
 			-- Nothing spent; get_account_invite_info still sees it on its own host.
 			assert.equal(1, assert(env.get_account_invite_info(invite.token)).uses_left);
 			assert.is_true(valid:confirm("alice", "example.com"));
+		end);
+
+		it("should make every use of an invite looked up for a named host name its host too", function ()
+			local env = load_invites();
+			local invite = assert(env.create_account());
+			-- As the preauth handler looks it up: for the stream's host.
+			local named = assert(env.get(invite.token, nil, "example.com"));
+			assert.same({ nil, "wrong-host" }, { named:use() });
+			assert.same({ nil, "wrong-host" }, { named:use("x", "b.example.com") });
+			assert.is_true(named:use("x", "example.com"));
 		end);
 	end);
 
@@ -249,6 +266,7 @@ describe("mod_invites", function ()
 			legacy.data.romeo = { LegacyRoster1234 = now + 600, LegacyContact123 = now + 600 };
 
 			local env = setmetatable({ module = m; prosody = { process_type = "prosody", hosts = {} } }, { __index = _G });
+			m.environment = env;
 			assert(loadfile(helpers.repo.."/lua/mod_invites/mod_invites.lua", "t", env))();
 
 			assert.same({}, legacy.data);
@@ -262,105 +280,5 @@ describe("mod_invites", function ()
 				assert.is_nil(stored:find(token, 1, true));
 			end
 		end);
-	end);
-end);
-
-describe("mod_invites_register", function ()
-	local invites_env, register_env, m;
-
-	before_each(function ()
-		existing_users = {};
-		invites_env = load_invites();
-		register_env, m = helpers.load_shim("invites_register", "example.com", {}, nil, { invites = invites_env });
-	end);
-
-	local function fire(event_name, data)
-		for _, h in ipairs(m.hooks[event_name]) do
-			local ret = h.handler(data);
-			if ret ~= nil then return ret; end
-		end
-	end
-
-	local function session(kind)
-		local s = { type = kind or "c2s_unauthed", secure = true, sent = {} };
-		s.send = function (stanza) table.insert(s.sent, stanza); end;
-		s.log = function () end;
-		return s;
-	end
-
-	it("should depend on mod_invites and mod_register_ibr when invite-only", function ()
-		assert.same({ "invites", "register_ibr" }, m.dependencies);
-	end);
-
-	it("should offer both register features to unauthenticated streams only", function ()
-		local features = st.stanza("features");
-		fire("stream-features", { origin = session("c2s"), features = features });
-		assert.equal(0, #features.tags);
-		fire("stream-features", { origin = session(), features = features });
-		assert.truthy(features:get_child("register", "urn:xmpp:ibr-token:0"));
-		assert.truthy(features:get_child("register", "urn:xmpp:invite"));
-	end);
-
-	local function preauth(s, iq_type, token)
-		local iq = st.iq({ type = iq_type, id = "p1" }):tag("preauth", { xmlns = "urn:xmpp:pars:0", token = token }):up();
-		assert.is_true(fire("stanza/iq/urn:xmpp:pars:0:preauth", { origin = s, stanza = iq }));
-		return s.sent[#s.sent];
-	end
-
-	it("should refuse preauth of type get with bad-request", function ()
-		local invite = assert(invites_env.create_account());
-		local s = session();
-		local reply = preauth(s, "get", invite.token);
-		assert.same({ "modify", "bad-request", "A preauth request must be an iq of type 'set'" }, { reply:get_error() });
-		assert.is_nil(s.validated_invite);
-	end);
-
-	it("should answer an unknown token with item-not-found and a text", function ()
-		local s = session();
-		local reply = preauth(s, "set", "nope");
-		local etype, condition, text = reply:get_error();
-		assert.same({ "cancel", "item-not-found" }, { etype, condition });
-		assert.equal("This invitation is not valid", text);
-	end);
-
-	it("should refuse registration without an invite in invite-only mode", function ()
-		local event = { username = "x", session = session(), allowed = true };
-		fire("user-registering", event);
-		assert.is_false(event.allowed);
-		assert.same({ type = "modify", condition = "not-acceptable",
-			text = "Registration on this server is through invitation only" }, event.error);
-		assert.equal(event.error.text, event.reason);
-	end);
-
-	it("should hold a use at user-registering and give it back when registration fails", function ()
-		local invite = assert(invites_env.create_account());
-		local s = session();
-		assert.equal("result", preauth(s, "set", invite.token).attr.type);
-		local event = { username = "alice", session = s, allowed = true };
-		fire("user-registering", event);
-		assert.is_true(event.allowed);
-		-- A second session with the same token is refused while the first holds the use.
-		local s2 = session();
-		preauth(s2, "set", invite.token);
-		local event2 = { username = "bob", session = s2, allowed = true };
-		fire("user-registering", event2);
-		assert.is_false(event2.allowed);
-		-- The first registration fails (the iq handler returns without user-registered).
-		m.wrapped["stanza/iq/jabber:iq:register:query"](function () return true; end, "x", { origin = s });
-		local event3 = { username = "bob", session = s2, allowed = true };
-		fire("user-registering", event3);
-		assert.is_true(event3.allowed);
-	end);
-
-	it("should not hold a use for a registration another module refused", function ()
-		local invite = assert(invites_env.create_account());
-		local s = session();
-		preauth(s, "set", invite.token);
-		fire("user-registering", { username = "alice", session = s, allowed = false });
-		local s2 = session();
-		preauth(s2, "set", invite.token);
-		local event = { username = "bob", session = s2, allowed = true };
-		fire("user-registering", event);
-		assert.is_true(event.allowed);
 	end);
 end);

@@ -65,9 +65,88 @@ pub fn parse_duration(text: &str) -> Result<i64, DurationError> {
     Ok(seconds)
 }
 
+/// A period option's value as the config gives it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum PeriodSetting<'a> {
+    Seconds(f64),
+    Text(&'a str),
+    /// `false`.
+    Off,
+}
+
+/// Seconds for a period option of at least `min` seconds; `Ok(None)` means off, which only
+/// an option that `can_be_off` may be (`false`, `"never"`, or zero: `0`, `"0s"`, `"0 days"`).
+/// For the others zero is a period like any other ("at once"). The error says what is
+/// wrong with the value, for the admin's log.
+pub fn period_setting(
+    value: PeriodSetting<'_>,
+    min: i64,
+    can_be_off: bool,
+) -> Result<Option<i64>, String> {
+    let seconds = match value {
+        PeriodSetting::Off => None,
+        PeriodSetting::Text(t) if t.trim().eq_ignore_ascii_case("never") => None,
+        // Any whole count of seconds Lua holds exactly, as before (only text is capped).
+        PeriodSetting::Seconds(n) if (0.0..9.0e15).contains(&n) => Some(n.floor() as i64),
+        PeriodSetting::Seconds(_) => return Err(String::from("not a number of seconds")),
+        PeriodSetting::Text(t) if is_zero(t) => Some(0),
+        PeriodSetting::Text(t) => Some(parse_duration(t).map_err(|e| e.to_string())?),
+    };
+    match seconds {
+        None | Some(0) if can_be_off => Ok(None),
+        None => Err(String::from("false and \"never\" are not periods here")),
+        Some(s) if s < min => Err(format!("less than {min} seconds")),
+        Some(s) => Ok(Some(s)),
+    }
+}
+
+/// `0`, `0s`, `00 days`: zero of any unit.
+fn is_zero(text: &str) -> bool {
+    let text = text.trim();
+    let digits = text.len() - text.trim_start_matches('0').len();
+    digits > 0 && {
+        let unit = text[digits..].trim().to_ascii_lowercase();
+        UNITS
+            .iter()
+            .any(|(words, _)| words.contains(&unit.as_str()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn period_settings_read_zero_off_and_never_as_the_options_mean_them() {
+        use PeriodSetting::*;
+        assert_eq!(period_setting(Seconds(3600.0), 1, false), Ok(Some(3600)));
+        assert_eq!(period_setting(Seconds(90.7), 1, false), Ok(Some(90)));
+        assert_eq!(period_setting(Text("1 week"), 1, false), Ok(Some(604800)));
+        // Zero: "at once" where that is a period, "off" where the option can be off.
+        assert_eq!(period_setting(Seconds(0.0), 0, false), Ok(Some(0)));
+        assert_eq!(period_setting(Text("0s"), 0, false), Ok(Some(0)));
+        assert_eq!(period_setting(Text(" 00 days "), 0, false), Ok(Some(0)));
+        for off in [
+            Seconds(0.0),
+            Text("0"),
+            Text("0 hours"),
+            Text("never"),
+            Text("NEVER"),
+            Off,
+        ] {
+            assert_eq!(period_setting(off, 1, true), Ok(None), "{off:?}");
+        }
+        assert!(period_setting(Off, 1, false).is_err());
+        assert!(period_setting(Text("never"), 1, false).is_err());
+        assert_eq!(
+            period_setting(Seconds(0.0), 1, false),
+            Err(String::from("less than 1 seconds"))
+        );
+        assert!(period_setting(Seconds(-1.0), 0, false).is_err());
+        assert!(period_setting(Seconds(f64::NAN), 0, false).is_err());
+        assert!(period_setting(Text("0x"), 0, true).is_err());
+        assert!(period_setting(Text("soon"), 0, true).is_err());
+    }
 
     #[test]
     fn parses_the_units_of_the_commands() {

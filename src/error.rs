@@ -31,13 +31,17 @@ pub enum InviteError {
     /// The invite belongs to another virtual host than the one acting on it (a stream
     /// opened to one host that presents, or registers with, another host's invite).
     WrongHost,
+    /// An admin named an invite (by id or token) that is not stored.
+    NoSuchInvite,
+    /// An admin named an invite by an id that more than one invite ends with.
+    AmbiguousId,
     /// Storage failed or returned something unreadable; nothing was changed.
     Storage,
 }
 
 impl InviteError {
     /// Every variant, for checks that must cover them all.
-    pub const ALL: [InviteError; 11] = [
+    pub const ALL: [InviteError; 13] = [
         InviteError::NoToken,
         InviteError::TokenInvalid,
         InviteError::TokenExpired,
@@ -48,6 +52,8 @@ impl InviteError {
         InviteError::UsernameTaken,
         InviteError::AccountNotFound,
         InviteError::WrongHost,
+        InviteError::NoSuchInvite,
+        InviteError::AmbiguousId,
         InviteError::Storage,
     ];
 
@@ -64,6 +70,8 @@ impl InviteError {
             InviteError::UsernameTaken => "username-taken",
             InviteError::AccountNotFound => "account-not-found",
             InviteError::WrongHost => "wrong-host",
+            InviteError::NoSuchInvite => "no-such-invite",
+            InviteError::AmbiguousId => "ambiguous-id",
             InviteError::Storage => "internal-server-error",
         }
     }

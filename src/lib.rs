@@ -1,19 +1,40 @@
 //! prosody-invites: the invite core behind our drop-in `mod_invites` for Prosody.
 //!
+//! Glossary (one name per concept, in Rust, Lua and the docs alike):
+//! - **book**: the invites of one virtual host over its storage ([`book::Book`]; in Lua the
+//!   object `core.new{…}` returns).
+//! - **invite**: one stored record ([`record::InviteRecord`]) granting an account
+//!   (`register`) or a contact (`roster`), for one or more uses.
+//! - **token**: the secret an invitee presents ([`token::Token`]). Handed out once, inside
+//!   the invite's URI; never stored, logged or shown in plain.
+//! - **hash**: the token's SHA-256 ([`token::TokenHash`]); what names an invite inside the
+//!   core. **key**: the hash as 64 hex digits, made only at the edge: the owner of the
+//!   record in the store, and what Lua is given. **handle**: a key standing in a listing's
+//!   `token` field where the token cannot be shown (`invite_token_storage = "hash"`).
+//! - **id**: the last 10 hex digits of the key; the non-secret name in logs and listings.
+//! - **reserve / confirm / release**: a registration holds one use (reserve, at
+//!   `user-registering`), then redeems it (confirm, at `user-registered`) or gives it back
+//!   (release, when registration fails).
+//! - **redeem**: spend one use of an invite: by confirm, or at once (`Book::redeem`, the
+//!   Lua method `use`). A use once redeemed is spent.
+//! - **seal**: keep a token encrypted inside its record ([`seal::Sealer`]) so listings can
+//!   show the link again; lookups never need it.
+//!
+//! Files:
 //! - `token.rs`: the secret token and the hash that stands for it everywhere else
 //! - `record.rs`: the storage layout and record encoding
 //! - `seal.rs`: tokens sealed at rest (AEAD) and the key file
 //! - `state.rs`: the invite state machine (pending → reserved → used / expired / revoked)
 //! - `store.rs`: the narrow storage interface the Lua shim provides
-//! - `invites.rs`: operations as read-check-write sequences over one record
+//! - `book.rs`: the book's operations, as read-check-write sequences over one record
 //! - `uri.rs`: XMPP invite URIs
 //! - `throttle.rs`: preauth guessing limits per IP, in bounded memory
 //! - `duration.rs`: `30m`, `12h`, `3d`, `2w`
 //! - `lua.rs`: the only file that speaks Lua
 
+pub mod book;
 pub mod duration;
 pub mod error;
-pub mod invites;
 pub mod lua;
 pub mod record;
 pub mod seal;

@@ -2,35 +2,42 @@
 //!
 //! Exports (`require`d through `package.loadlib`):
 //! - `new{ host = "example.com", invites = store, names = store, log = function(level, message),
-//!   token_storage = "sealed" | "hash", key_file = path }` → book for that virtual host, where
-//!   the stores are Prosody keyval stores (`module:open_store(...)`); tokens are sealed with
-//!   the key in `key_file` (made on first use), or kept as hashes only.
-//! - book methods `create`, `get`, `reserve`, `confirm`, `release`, `use`, `revoke`,
-//!   `revoke_key`, `prune`, `username_reserved`, `listed`, `import_legacy` (see
+//!   account_exists = function(username), token_storage = "sealed" | "hash", key_file = path }`
+//!   → the book of that virtual host, where the stores are Prosody keyval stores
+//!   (`module:open_store(...)`); tokens are sealed with the key in `key_file` (made on first
+//!   use), or kept as hashes only.
+//! - book methods `create`, `get`, `reserve`, `confirm`, `release`, `resolve`, `use` (redeem),
+//!   `revoke`, `revoke_key`, `prune`, `username_reserved`, `listed`, `import_legacy` (see
 //!   `lua/mod_invites/mod_invites.lua`). `get`, `reserve`, `confirm` and `use` take the
 //!   host the caller acts for (the stream's or the new account's), and give
 //!   `nil, "wrong-host"` unless it is the book's.
+//! - `throttle(max, period, capacity)`, `period(value, min, can_be_off)`,
+//!   `parse_duration(text)`, `key_of(token)`, `version`.
 //!
+//! Each export and method is one function below; arguments arrive as `Value`s and are
+//! converted, in order, through the `FromLua` types of the "Arguments" section.
 //! Wrong argument types raise (API misuse); expected failures return `nil, "error-name"`.
-//! No Rust panic crosses into Lua: every method runs under `catch_unwind` and reports a
-//! panic as `nil, "internal-server-error"`.
+//! No Rust panic crosses into Lua: every book method runs under `catch_unwind` and reports
+//! a panic as `nil, "internal-server-error"`.
 
 use std::cell::RefCell;
+use std::fmt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use mlua::{
-    DeserializeOptions, Function, IntoLuaMulti, Lua, LuaSerdeExt, MultiValue, SerializeOptions,
-    Table, UserData, UserDataMethods, Value, WeakLua,
+    DeserializeOptions, FromLua, Function, IntoLuaMulti, Lua, LuaSerdeExt, MultiValue,
+    SerializeOptions, Table, UserData, UserDataFields, UserDataMethods, Value, WeakLua,
 };
+use zeroize::Zeroizing;
 
-use crate::duration::parse_duration;
+use crate::book::{record_uri, Book, Created, LegacyInvite, NewInvite, TokenStorage};
+use crate::duration::{parse_duration, period_setting, PeriodSetting};
 use crate::error::{InviteError, StoreError};
-use crate::invites::{record_uri, Found, Invites, LegacyInvite, NewInvite, TokenStorage};
 use crate::record::{InviteKind, InviteRecord, LandingPage};
-use crate::state::Claim;
+use crate::state::{Claim, Status};
 use crate::store::{Backend, Level, Space};
 use crate::throttle::Throttle;
-use crate::token::{short_id_of_key, Token};
+use crate::token::{Token, TokenHash};
 
 /// Prosody keyval stores and a log function, as handed over by the shim.
 pub struct LuaBackend {
@@ -128,9 +135,40 @@ impl Backend for LuaBackend {
             Some(f) => match f.call::<Value>(username) {
                 Ok(Value::Boolean(b)) => Ok(b),
                 Ok(Value::Nil) => Ok(false),
-                Ok(other) => Ok(!matches!(other, Value::Boolean(false))),
+                // Any other value is true to Lua.
+                Ok(_) => Ok(true),
                 Err(e) => Err(StoreError::Backend(lua_error_text(&e))),
             },
+        }
+    }
+}
+
+impl LuaBackend {
+    /// Calls `visit` with each owner of the store (`store:users()`) until it says stop.
+    fn each_key(
+        &self,
+        space: Space,
+        visit: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<(), StoreError> {
+        let store = self.store(space);
+        let backend_error = |e: mlua::Error| StoreError::Backend(lua_error_text(&e));
+        let users: Function = store.get("users").map_err(backend_error)?;
+        let (next, state, mut control): (Function, Value, Value) =
+            users.call(store.clone()).map_err(backend_error)?;
+        loop {
+            let key: Value = next.call((state.clone(), control)).map_err(backend_error)?;
+            match &key {
+                Value::Nil => return Ok(()),
+                Value::String(s) => {
+                    if let Ok(k) = s.to_str() {
+                        if !visit(&k) {
+                            return Ok(());
+                        }
+                    }
+                }
+                _ => {}
+            }
+            control = key;
         }
     }
 }
@@ -143,77 +181,208 @@ fn describe(v: &Value) -> String {
     }
 }
 
-/// The userdata handed to Lua.
-pub struct Book(Invites<LuaBackend>);
-
 // ---------------------------------------------------------------------------------------
-// Argument checking: mlua would coerce quietly, so every boundary value is checked here.
+// Arguments. mlua would coerce quietly (a number for a string, 1.5 for 1, anything for a
+// boolean), so each kind of argument is a `FromLua` type that checks what it gets and
+// says what it expected. `arg` and `field` add where, in the words of Lua's own messages:
+// "bad argument #2 to 'create' (integer expected, got number)".
 
-fn bad_argument(n: usize, method: &str, expected: &str, got: &Value) -> mlua::Error {
-    mlua::Error::RuntimeError(format!(
-        "bad argument #{n} to '{method}' ({expected} expected, got {})",
-        got.type_name()
-    ))
+/// Why a value was refused, without where: `arg` names the argument and the function.
+#[derive(Debug)]
+enum Refused {
+    /// The value itself; the text stands between the parentheses of the message.
+    Value(String),
+    /// A field of a table argument.
+    Field(&'static str, String),
 }
 
-fn integer(v: &Value, n: usize, method: &str) -> mlua::Result<i64> {
-    match v {
-        Value::Integer(i) => Ok(*i),
-        Value::Number(f) if f.fract() == 0.0 && f.abs() < 9.0e15 => Ok(*f as i64),
-        other => Err(bad_argument(n, method, "integer", other)),
+impl fmt::Display for Refused {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Refused::Value(detail) => f.write_str(detail),
+            Refused::Field(name, detail) => write!(f, "bad field '{name}' ({detail})"),
+        }
     }
 }
 
-fn opt_string(v: Value, n: usize, method: &str) -> mlua::Result<Option<String>> {
-    match v {
-        Value::Nil => Ok(None),
-        Value::String(s) => Ok(Some(s.to_str()?.to_owned())),
-        other => Err(bad_argument(n, method, "string or nil", &other)),
+impl std::error::Error for Refused {}
+
+fn refused(detail: impl Into<String>) -> mlua::Error {
+    mlua::Error::external(Refused::Value(detail.into()))
+}
+
+fn refused_field(name: &'static str, detail: impl Into<String>) -> mlua::Error {
+    mlua::Error::external(Refused::Field(name, detail.into()))
+}
+
+/// `what` was expected, and `got` came.
+fn expected(what: &str, got: &Value) -> mlua::Error {
+    refused(format!("{what} expected, got {}", got.type_name()))
+}
+
+/// Argument `n` of `function`, converted through its `FromLua` type. Other errors (a
+/// string that is not UTF-8, a failing metamethod) pass as they are.
+fn arg<T: FromLua>(lua: &Lua, value: Value, n: usize, function: &str) -> mlua::Result<T> {
+    T::from_lua(value, lua).map_err(|e| match e.downcast_ref::<Refused>() {
+        Some(Refused::Value(detail)) => {
+            mlua::Error::RuntimeError(format!("bad argument #{n} to '{function}' ({detail})"))
+        }
+        Some(Refused::Field(name, detail)) => mlua::Error::RuntimeError(format!(
+            "bad field '{name}' in argument to '{function}' ({detail})"
+        )),
+        None => e,
+    })
+}
+
+/// Field `name` of a table argument, converted through its `FromLua` type.
+fn field<T: FromLua>(lua: &Lua, table: &Table, name: &'static str) -> mlua::Result<T> {
+    T::from_lua(table.raw_get(name)?, lua).map_err(|e| match e.downcast_ref::<Refused>() {
+        Some(Refused::Value(detail)) => refused_field(name, detail.as_str()),
+        _ => e,
+    })
+}
+
+/// A whole number: a moment (`now`) or seconds. Lua 5.1 and LuaJIT pass every number as a
+/// float, so a float counts when it is whole and exactly representable.
+struct Integer(i64);
+
+impl FromLua for Integer {
+    fn from_lua(value: Value, _: &Lua) -> mlua::Result<Self> {
+        match value {
+            Value::Integer(i) => Ok(Integer(i)),
+            Value::Number(f) if f.fract() == 0.0 && f.abs() < 9.0e15 => Ok(Integer(f as i64)),
+            other => Err(expected("integer", &other)),
+        }
     }
 }
 
-fn string(v: Value, n: usize, method: &str) -> mlua::Result<String> {
-    match v {
-        Value::String(s) => Ok(s.to_str()?.to_owned()),
-        other => Err(bad_argument(n, method, "string", &other)),
+/// A whole number above zero.
+struct Positive(i64);
+
+impl FromLua for Positive {
+    fn from_lua(value: Value, lua: &Lua) -> mlua::Result<Self> {
+        match Integer::from_lua(value.clone(), lua) {
+            Ok(Integer(i)) if i > 0 => Ok(Positive(i)),
+            _ => Err(expected("positive integer", &value)),
+        }
     }
 }
 
-fn opt_field_string(t: &Table, name: &str, method: &str) -> mlua::Result<Option<String>> {
-    match t.raw_get::<Value>(name)? {
-        Value::Nil => Ok(None),
-        Value::String(s) => Ok(Some(s.to_str()?.to_owned())),
-        other => Err(bad_field(name, method, "string or nil", &other)),
+/// A string (of UTF-8).
+struct Text(String);
+
+impl FromLua for Text {
+    fn from_lua(value: Value, _: &Lua) -> mlua::Result<Self> {
+        match value {
+            Value::String(s) => Ok(Text(s.to_str()?.to_owned())),
+            other => Err(expected("string", &other)),
+        }
     }
 }
 
-fn opt_field_bool(t: &Table, name: &str, method: &str) -> mlua::Result<bool> {
-    match t.raw_get::<Value>(name)? {
-        Value::Nil => Ok(false),
-        Value::Boolean(b) => Ok(b),
-        other => Err(bad_field(name, method, "boolean or nil", &other)),
+/// A string, or nil.
+struct OptText(Option<String>);
+
+impl FromLua for OptText {
+    fn from_lua(value: Value, _: &Lua) -> mlua::Result<Self> {
+        match value {
+            Value::Nil => Ok(OptText(None)),
+            Value::String(s) => Ok(OptText(Some(s.to_str()?.to_owned()))),
+            other => Err(expected("string or nil", &other)),
+        }
     }
 }
 
-fn field_integer(t: &Table, name: &str, method: &str) -> mlua::Result<i64> {
-    let v: Value = t.raw_get(name)?;
-    integer(&v, 0, method).map_err(|_| bad_field(name, method, "integer", &v))
+/// A boolean; nil is false (and nothing else is).
+struct Flag(bool);
+
+impl FromLua for Flag {
+    fn from_lua(value: Value, _: &Lua) -> mlua::Result<Self> {
+        match value {
+            Value::Nil => Ok(Flag(false)),
+            Value::Boolean(b) => Ok(Flag(b)),
+            other => Err(expected("boolean or nil", &other)),
+        }
+    }
 }
 
-fn bad_field(name: &str, method: &str, expected: &str, got: &Value) -> mlua::Error {
-    mlua::Error::RuntimeError(format!(
-        "bad field '{name}' in argument to '{method}' ({expected} expected, got {})",
-        got.type_name()
-    ))
+/// A function, or nil.
+struct Callback(Option<Function>);
+
+impl FromLua for Callback {
+    fn from_lua(value: Value, _: &Lua) -> mlua::Result<Self> {
+        match value {
+            Value::Nil => Ok(Callback(None)),
+            Value::Function(f) => Ok(Callback(Some(f))),
+            other => Err(expected("function or nil", &other)),
+        }
+    }
 }
 
-fn kind(t: &Table, method: &str) -> mlua::Result<InviteKind> {
-    match opt_field_string(t, "type", method)?.as_deref() {
-        Some("register") => Ok(InviteKind::Register),
-        Some("roster") => Ok(InviteKind::Roster),
-        _ => Err(mlua::Error::RuntimeError(format!(
-            "bad field 'type' in argument to '{method}' (\"register\" or \"roster\" expected)"
-        ))),
+/// A table. (A spec argument is checked to be one first, its fields after the arguments
+/// that follow it, as they always were.)
+struct TableArg(Table);
+
+impl FromLua for TableArg {
+    fn from_lua(value: Value, _: &Lua) -> mlua::Result<Self> {
+        match value {
+            Value::Table(t) => Ok(TableArg(t)),
+            other => Err(expected("table", &other)),
+        }
+    }
+}
+
+/// The token a caller presents, as text (the core parses it, once), or the answer for a
+/// value that holds none: nil is `no-token`, a string that is not UTF-8 `token-invalid`.
+/// The text is wiped when dropped.
+struct TokenArg(Result<Zeroizing<String>, InviteError>);
+
+impl FromLua for TokenArg {
+    fn from_lua(value: Value, _: &Lua) -> mlua::Result<Self> {
+        match value {
+            Value::Nil => Ok(TokenArg(Err(InviteError::NoToken))),
+            Value::String(s) => Ok(TokenArg(
+                s.to_str()
+                    .map(|t| Zeroizing::new(t.to_owned()))
+                    .map_err(|_| InviteError::TokenInvalid),
+            )),
+            other => Err(expected("string", &other)),
+        }
+    }
+}
+
+/// A key as listings and `resolve` give it: `None` for a string that is no key, which no
+/// invite has.
+struct Key(Option<TokenHash>);
+
+impl FromLua for Key {
+    fn from_lua(value: Value, lua: &Lua) -> mlua::Result<Self> {
+        let Text(key) = Text::from_lua(value, lua)?;
+        Ok(Key(TokenHash::from_key(&key)))
+    }
+}
+
+/// The virtual host a book serves.
+struct Host(String);
+
+impl FromLua for Host {
+    fn from_lua(value: Value, _: &Lua) -> mlua::Result<Self> {
+        match value {
+            Value::String(s) if !s.as_bytes().is_empty() => Ok(Host(s.to_str()?.to_owned())),
+            other => Err(expected("non-empty string", &other)),
+        }
+    }
+}
+
+/// A Prosody keyval store (`module:open_store(...)`).
+struct Store(Table);
+
+impl FromLua for Store {
+    fn from_lua(value: Value, _: &Lua) -> mlua::Result<Self> {
+        match value {
+            Value::Table(t) => Ok(Store(t)),
+            other => Err(expected("store", &other)),
+        }
     }
 }
 
@@ -246,30 +415,249 @@ fn data_within(v: &Value, depth: usize, budget: &mut usize) -> mlua::Result<bool
     Ok(true)
 }
 
-fn json_of(
-    lua: &Lua,
-    v: Value,
-    what: &str,
-    method: &str,
-) -> mlua::Result<Option<serde_json::Value>> {
-    if v.is_nil() {
-        return Ok(None);
+/// Plain data (`additional_data`), or nil: what a record can hold as JSON and read back.
+struct Data(Option<serde_json::Value>);
+
+impl FromLua for Data {
+    fn from_lua(value: Value, lua: &Lua) -> mlua::Result<Self> {
+        if value.is_nil() {
+            return Ok(Data(None));
+        }
+        let mut budget = MAX_DATA_VALUES;
+        if !data_within(&value, MAX_DATA_DEPTH, &mut budget)? {
+            return Err(refused(format!(
+                "plain data expected: at most {MAX_DATA_DEPTH} tables deep and \
+                 {MAX_DATA_VALUES} values"
+            )));
+        }
+        let options = DeserializeOptions::new().deny_unsupported_types(true);
+        lua.from_value_with::<serde_json::Value>(value, options)
+            .map(|data| Data(Some(data)))
+            .map_err(|e| refused(format!("plain data expected: {e}")))
     }
-    let mut budget = MAX_DATA_VALUES;
-    if !data_within(&v, MAX_DATA_DEPTH, &mut budget)? {
-        return Err(mlua::Error::RuntimeError(format!(
-            "bad field '{what}' in argument to '{method}' (plain data expected: \
-             at most {MAX_DATA_DEPTH} tables deep and {MAX_DATA_VALUES} values)"
-        )));
+}
+
+/// An invite's `type`.
+struct Kind(InviteKind);
+
+impl FromLua for Kind {
+    fn from_lua(value: Value, lua: &Lua) -> mlua::Result<Self> {
+        match OptText::from_lua(value, lua)?.0.as_deref() {
+            Some("register") => Ok(Kind(InviteKind::Register)),
+            Some("roster") => Ok(Kind(InviteKind::Roster)),
+            _ => Err(refused("\"register\" or \"roster\" expected")),
+        }
     }
-    let options = DeserializeOptions::new().deny_unsupported_types(true);
-    lua.from_value_with::<serde_json::Value>(v, options)
-        .map(Some)
-        .map_err(|e| {
-            mlua::Error::RuntimeError(format!(
-                "bad field '{what}' in argument to '{method}' (plain data expected: {e})"
-            ))
+}
+
+/// `max_uses`: nil, or a whole number from 1 to 2^32 - 1.
+struct MaxUses(Option<u32>);
+
+impl FromLua for MaxUses {
+    fn from_lua(value: Value, lua: &Lua) -> mlua::Result<Self> {
+        if value.is_nil() {
+            return Ok(MaxUses(None));
+        }
+        match Integer::from_lua(value, lua).map(|Integer(n)| u32::try_from(n)) {
+            Ok(Ok(n)) if n > 0 => Ok(MaxUses(Some(n))),
+            _ => Err(refused("positive integer expected")),
+        }
+    }
+}
+
+/// What `create` is asked to make (its first argument).
+struct InviteSpec(NewInvite);
+
+impl FromLua for InviteSpec {
+    fn from_lua(value: Value, lua: &Lua) -> mlua::Result<Self> {
+        let TableArg(t) = TableArg::from_lua(value, lua)?;
+        // Any whole number, as Prosody takes it: a negative ttl makes an expired invite.
+        let Integer(ttl) = field(lua, &t, "ttl")?;
+        let MaxUses(max_uses) = field(lua, &t, "max_uses")?;
+        let Kind(kind) = field(lua, &t, "type")?;
+        let jid = match field::<OptText>(lua, &t, "jid")?.0 {
+            Some(jid) if !jid.is_empty() => jid,
+            _ => return Err(refused_field("jid", "non-empty string expected")),
+        };
+        let Flag(allow_registration) = field(lua, &t, "allow_registration")?;
+        let Data(additional_data) = field(lua, &t, "additional_data")?;
+        let Flag(reusable) = field(lua, &t, "reusable")?;
+        let OptText(username) = field(lua, &t, "username")?;
+        let OptText(reset) = field(lua, &t, "reset")?;
+        let OptText(inviter) = field(lua, &t, "inviter")?;
+        Ok(InviteSpec(NewInvite {
+            kind,
+            jid,
+            allow_registration,
+            additional_data,
+            ttl,
+            reusable,
+            max_uses,
+            username,
+            reset,
+            inviter,
+        }))
+    }
+}
+
+/// What `invite-created` handlers may change on the invite they are shown.
+struct HandlerChanges {
+    additional_data: Option<serde_json::Value>,
+    landing_page: Option<String>,
+}
+
+impl FromLua for HandlerChanges {
+    fn from_lua(value: Value, lua: &Lua) -> mlua::Result<Self> {
+        let TableArg(invite) = TableArg::from_lua(value, lua)?;
+        let Data(additional_data) = field(lua, &invite, "additional_data")?;
+        let OptText(landing_page) = field(lua, &invite, "landing_page")?;
+        Ok(HandlerChanges {
+            additional_data,
+            landing_page,
         })
+    }
+}
+
+/// The registration that wants a use (`reserve`'s second argument; see `state::Claim`).
+struct ClaimSpec {
+    holder: String,
+    username: String,
+    account_exists: bool,
+    validated_at: i64,
+    lease_until: i64,
+}
+
+impl ClaimSpec {
+    fn claim(&self) -> Claim<'_> {
+        Claim {
+            holder: &self.holder,
+            username: &self.username,
+            account_exists: self.account_exists,
+            validated_at: self.validated_at,
+            lease_until: self.lease_until,
+        }
+    }
+}
+
+impl FromLua for ClaimSpec {
+    fn from_lua(value: Value, lua: &Lua) -> mlua::Result<Self> {
+        let TableArg(t) = TableArg::from_lua(value, lua)?;
+        // A missing holder or username is named as the argument, as it always was.
+        let Text(holder) = Text::from_lua(t.raw_get("holder")?, lua)?;
+        let Text(username) = Text::from_lua(t.raw_get("username")?, lua)?;
+        let Flag(account_exists) = field(lua, &t, "account_exists")?;
+        let Integer(validated_at) = field(lua, &t, "validated_at")?;
+        let Integer(lease_until) = field(lua, &t, "lease_until")?;
+        Ok(ClaimSpec {
+            holder,
+            username,
+            account_exists,
+            validated_at,
+            lease_until,
+        })
+    }
+}
+
+/// An invite of Prosody's own store (`import_legacy`'s second argument), without
+/// `contact_of` (its third).
+struct LegacySpec(LegacyInvite);
+
+impl FromLua for LegacySpec {
+    fn from_lua(value: Value, lua: &Lua) -> mlua::Result<Self> {
+        let TableArg(t) = TableArg::from_lua(value, lua)?;
+        let Kind(kind) = field(lua, &t, "type")?;
+        // A missing jid is named as the argument, as it always was.
+        let Text(jid) = Text::from_lua(t.raw_get("jid")?, lua)?;
+        let Flag(allow_registration) = field(lua, &t, "allow_registration")?;
+        let Data(additional_data) = field(lua, &t, "additional_data")?;
+        let Integer(created_at) = field(lua, &t, "created_at")?;
+        let Integer(expires) = field(lua, &t, "expires")?;
+        let Flag(reusable) = field(lua, &t, "reusable")?;
+        let OptText(landing_page) = field(lua, &t, "landing_page")?;
+        Ok(LegacySpec(LegacyInvite {
+            kind,
+            jid,
+            allow_registration,
+            additional_data,
+            created_at,
+            expires,
+            reusable,
+            contact_of: None,
+            landing_page,
+        }))
+    }
+}
+
+/// `new`'s one argument: the host, its stores and callbacks, and how tokens are kept.
+struct BookConfig {
+    host: String,
+    backend: LuaBackend,
+    storage: TokenStorage,
+}
+
+impl FromLua for BookConfig {
+    fn from_lua(value: Value, lua: &Lua) -> mlua::Result<Self> {
+        let TableArg(t) = TableArg::from_lua(value, lua)?;
+        let Host(host) = field(lua, &t, "host")?;
+        let Store(invites) = field(lua, &t, "invites")?;
+        let Store(names) = field(lua, &t, "names")?;
+        let Callback(log) = field(lua, &t, "log")?;
+        let Callback(account_exists) = field(lua, &t, "account_exists")?;
+        // Sealed with a key file where one is named; "hash" keeps hashes only.
+        let OptText(key_file) = field(lua, &t, "key_file")?;
+        let OptText(token_storage) = field(lua, &t, "token_storage")?;
+        let storage = match token_storage.as_deref() {
+            Some("hash") => TokenStorage::Hash,
+            None if key_file.is_none() => TokenStorage::Hash,
+            Some("sealed") | None => match key_file {
+                Some(path) if !path.is_empty() => TokenStorage::Sealed(path.into()),
+                _ => {
+                    return Err(refused_field(
+                        "key_file",
+                        "a path expected with token_storage \"sealed\"",
+                    ))
+                }
+            },
+            Some(_) => {
+                return Err(refused_field(
+                    "token_storage",
+                    "\"sealed\" or \"hash\" expected",
+                ))
+            }
+        };
+        Ok(BookConfig {
+            host,
+            backend: LuaBackend {
+                lua: lua.weak(),
+                invites,
+                names,
+                log,
+                account_exists,
+            },
+            storage,
+        })
+    }
+}
+
+/// A period option's value for `period`: seconds, text, or `false`. Anything else is no
+/// period, an expected failure rather than misuse: it comes from the config.
+enum PeriodValue {
+    Seconds(f64),
+    Text(String),
+    Off,
+    Not(&'static str),
+}
+
+impl FromLua for PeriodValue {
+    fn from_lua(value: Value, _: &Lua) -> mlua::Result<Self> {
+        Ok(match value {
+            Value::Integer(i) => PeriodValue::Seconds(i as f64),
+            Value::Number(n) => PeriodValue::Seconds(n),
+            Value::Boolean(false) => PeriodValue::Off,
+            Value::String(s) => PeriodValue::Text(s.to_string_lossy()),
+            other => PeriodValue::Not(other.type_name()),
+        })
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -285,9 +673,9 @@ fn success<T: IntoLuaMulti>(lua: &Lua, v: T) -> mlua::Result<MultiValue> {
 
 /// An invite as Prosody's `mod_invites` returns it, without token or URI (the caller adds
 /// them where it has the token). `id` is the short, non-secret name of the invite.
-fn invite_table(lua: &Lua, key: &str, r: &InviteRecord, now: i64) -> mlua::Result<Table> {
+fn invite_table(lua: &Lua, hash: &TokenHash, r: &InviteRecord, now: i64) -> mlua::Result<Table> {
     let t = lua.create_table()?;
-    t.raw_set("id", short_id_of_key(key))?;
+    t.raw_set("id", hash.short_id())?;
     t.raw_set("type", r.kind.as_str())?;
     t.raw_set("jid", r.jid.as_str())?;
     t.raw_set("allow_registration", r.allow_registration)?;
@@ -309,39 +697,47 @@ fn invite_table(lua: &Lua, key: &str, r: &InviteRecord, now: i64) -> mlua::Resul
     t.raw_set("uses", r.uses)?;
     t.raw_set("max_uses", r.use_limit())?;
     t.raw_set("uses_left", r.uses_left())?;
-    t.raw_set("status", r.status(now).as_str())?;
+    let status = r.status(now);
+    t.raw_set("status", status.as_str())?;
+    // Can still be used (pending, or held by a registration in flight).
+    t.raw_set(
+        "usable",
+        matches!(status, Status::Pending | Status::Reserved),
+    )?;
     Ok(t)
 }
 
 /// An invite with its token, URI and landing page, as Prosody's store gives it.
-fn with_token(lua: &Lua, found: &Found, token: &Token, now: i64) -> mlua::Result<Table> {
-    let t = invite_table(lua, &found.key, &found.record, now)?;
+fn with_token(
+    lua: &Lua,
+    hash: &TokenHash,
+    record: &InviteRecord,
+    token: &Token,
+    now: i64,
+) -> mlua::Result<Table> {
+    let t = invite_table(lua, hash, record, now)?;
     t.raw_set("token", token.expose())?;
-    t.raw_set("uri", record_uri(&found.record, token))?;
-    if let Some(page) = &found.record.landing_page {
+    t.raw_set("uri", record_uri(record, token))?;
+    if let Some(page) = &record.landing_page {
         t.raw_set("landing_page", page.with_token(token))?;
     }
     Ok(t)
 }
 
 /// A stored invite for listings: with its token where it was sealed and opens, otherwise
-/// with its handle (the storage key, the token's SHA-256) as `token`, and no link.
+/// with its handle (the key) as `token`, and no link.
 fn listed_table(
     lua: &Lua,
-    book: &Invites<LuaBackend>,
-    key: &str,
-    record: InviteRecord,
+    book: &Book<LuaBackend>,
+    hash: &TokenHash,
+    record: &InviteRecord,
     now: i64,
 ) -> mlua::Result<Table> {
-    let found = Found {
-        key: key.to_owned(),
-        record,
-    };
-    match book.token_of(key, &found.record) {
-        Some(token) => with_token(lua, &found, &token, now),
+    match book.token_of(hash, record) {
+        Some(token) => with_token(lua, hash, record, &token, now),
         None => {
-            let t = invite_table(lua, key, &found.record, now)?;
-            t.raw_set("token", key)?;
+            let t = invite_table(lua, hash, record, now)?;
+            t.raw_set("token", hash.key())?;
             Ok(t)
         }
     }
@@ -349,7 +745,7 @@ fn listed_table(
 
 /// Runs a method body so that a Rust panic becomes `nil, "internal-server-error"` and one
 /// error line in the log (naming the method only: a panic message could carry anything).
-fn guarded<F>(lua: &Lua, book: &Book, method: &str, body: F) -> mlua::Result<MultiValue>
+fn guarded<F>(lua: &Lua, book: &LuaBook, method: &str, body: F) -> mlua::Result<MultiValue>
 where
     F: FnOnce() -> mlua::Result<MultiValue>,
 {
@@ -365,438 +761,467 @@ where
     }
 }
 
-fn token_arg(v: Value, n: usize, method: &str) -> mlua::Result<Result<String, InviteError>> {
-    match v {
-        Value::Nil => Ok(Err(InviteError::NoToken)),
-        Value::String(s) => Ok(s
-            .to_str()
-            .map(|s| s.to_owned())
-            .map_err(|_| InviteError::TokenInvalid)),
-        other => Err(bad_argument(n, method, "string", &other)),
+// ---------------------------------------------------------------------------------------
+// The book's methods. The token comes first and is looked at first: without one (nil, or
+// not UTF-8) a method answers at once, before its other arguments are checked.
+
+/// The book as Lua holds it (`core.new{…}`).
+pub struct LuaBook(Book<LuaBackend>);
+
+impl UserData for LuaBook {
+    fn add_fields<F: UserDataFields<Self>>(fields: &mut F) {
+        // Lua knows it as a book: `tostring(book)` reads "Book: 0x…".
+        fields.add_meta_field("__name", "Book");
     }
-}
 
-macro_rules! token_or_fail {
-    ($lua:expr, $v:expr, $n:expr, $method:expr) => {
-        match token_arg($v, $n, $method)? {
-            Ok(t) => t,
-            Err(e) => return failure($lua, e),
-        }
-    };
-}
-
-impl UserData for Book {
     fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
-        methods.add_method(
-            "create",
-            |lua, this, (spec, now, on_created): (Value, Value, Value)| {
-                let Value::Table(spec) = spec else {
-                    return Err(bad_argument(1, "create", "table", &spec));
-                };
-                let now = integer(&now, 2, "create")?;
-                let on_created = match on_created {
-                    Value::Nil => None,
-                    Value::Function(f) => Some(f),
-                    other => return Err(bad_argument(3, "create", "function or nil", &other)),
-                };
-                // Any whole number, as Prosody takes it: a negative ttl makes an expired invite.
-                let ttl = field_integer(&spec, "ttl", "create")?;
-                let max_uses = match spec.raw_get::<Value>("max_uses")? {
-                Value::Nil => None,
-                v => match integer(&v, 0, "create") {
-                    Ok(n) if (1..=i64::from(u32::MAX)).contains(&n) => u32::try_from(n).ok(),
-                    _ => return Err(mlua::Error::RuntimeError(String::from(
-                        "bad field 'max_uses' in argument to 'create' (positive integer expected)",
-                    ))),
-                },
-            };
-                let new = NewInvite {
-                    kind: kind(&spec, "create")?,
-                    jid: match opt_field_string(&spec, "jid", "create")? {
-                        Some(j) if !j.is_empty() => j,
-                        _ => return Err(mlua::Error::RuntimeError(String::from(
-                            "bad field 'jid' in argument to 'create' (non-empty string expected)",
-                        ))),
-                    },
-                    allow_registration: opt_field_bool(&spec, "allow_registration", "create")?,
-                    additional_data: json_of(
-                        lua,
-                        spec.raw_get("additional_data")?,
-                        "additional_data",
-                        "create",
-                    )?,
-                    ttl,
-                    reusable: opt_field_bool(&spec, "reusable", "create")?,
-                    max_uses,
-                    username: opt_field_string(&spec, "username", "create")?,
-                    reset: opt_field_string(&spec, "reset", "create")?,
-                    inviter: opt_field_string(&spec, "inviter", "create")?,
-                };
-                guarded(lua, this, "create", || {
-                    let mut created = this.0.prepare(new, now);
-                    let found = Found {
-                        key: created.key.clone(),
-                        record: created.record.clone(),
-                    };
-                    let invite = with_token(lua, &found, &created.token, now)?;
-                    // As Prosody: handlers of invite-created see the invite before it is
-                    // stored, and what they change in additional_data and landing_page is kept.
-                    if let Some(f) = on_created {
-                        f.call::<()>(invite.clone())?;
-                        created.record.additional_data = json_of(
-                            lua,
-                            invite.raw_get("additional_data")?,
-                            "additional_data",
-                            "create",
-                        )?;
-                        created.record.landing_page =
-                            opt_field_string(&invite, "landing_page", "create")?
-                                .map(|url| LandingPage::without_token(&url, &created.token));
-                    }
-                    match this.0.store_created(&mut created) {
-                        Ok(()) => success(lua, invite),
-                        Err(e) => failure(lua, e),
-                    }
-                })
-            },
-        );
-
-        methods.add_method(
-            "get",
-            |lua, this, (token, contact_of, host, now): (Value, Value, Value, Value)| {
-                let token = token_or_fail!(lua, token, 1, "get");
-                let contact_of = opt_string(contact_of, 2, "get")?;
-                let host = string(host, 3, "get")?;
-                let now = integer(&now, 4, "get")?;
-                guarded(lua, this, "get", || {
-                    match this.0.validate(&token, contact_of.as_deref(), &host, now) {
-                        Ok(found) => {
-                            let token = match Token::parse(&token) {
-                                Ok(t) => t,
-                                Err(e) => return failure(lua, e),
-                            };
-                            let t = with_token(lua, &found, &token, now)?;
-                            if let Some(user) = &contact_of {
-                                t.raw_set("username", user.as_str())?;
-                            }
-                            success(lua, t)
-                        }
-                        Err(e) => failure(lua, e),
-                    }
-                })
-            },
-        );
-
-        methods.add_method(
-            "reserve",
-            |lua, this, (token, claim, host, now): (Value, Value, Value, Value)| {
-                let token = token_or_fail!(lua, token, 1, "reserve");
-                let Value::Table(claim) = claim else {
-                    return Err(bad_argument(2, "reserve", "table", &claim));
-                };
-                let host = string(host, 3, "reserve")?;
-                let now = integer(&now, 4, "reserve")?;
-                let holder = string(claim.raw_get("holder")?, 2, "reserve")?;
-                let username = string(claim.raw_get("username")?, 2, "reserve")?;
-                let account_exists = opt_field_bool(&claim, "account_exists", "reserve")?;
-                let validated_at = field_integer(&claim, "validated_at", "reserve")?;
-                let lease_until = field_integer(&claim, "lease_until", "reserve")?;
-                let claim = Claim {
-                    holder: &holder,
-                    username: &username,
-                    account_exists,
-                    validated_at,
-                    lease_until,
-                };
-                guarded(lua, this, "reserve", || {
-                    match this.0.reserve(&token, &claim, &host, now) {
-                        Ok(found) => {
-                            success(lua, invite_table(lua, &found.key, &found.record, now)?)
-                        }
-                        Err(e) => failure(lua, e),
-                    }
-                })
-            },
-        );
-
-        methods.add_method(
-            "confirm",
-            |lua, this, (token, holder, host, now): (Value, Value, Value, Value)| {
-                let token = token_or_fail!(lua, token, 1, "confirm");
-                let holder = string(holder, 2, "confirm")?;
-                let host = string(host, 3, "confirm")?;
-                let now = integer(&now, 4, "confirm")?;
-                guarded(lua, this, "confirm", || {
-                    match this.0.confirm(&token, &holder, &host, now) {
-                        Ok(found) => {
-                            success(lua, invite_table(lua, &found.key, &found.record, now)?)
-                        }
-                        Err(e) => failure(lua, e),
-                    }
-                })
-            },
-        );
-
-        methods.add_method("release", |lua, this, (token, holder): (Value, Value)| {
-            let token = token_or_fail!(lua, token, 1, "release");
-            let holder = string(holder, 2, "release")?;
-            guarded(lua, this, "release", || {
-                match this.0.release(&token, &holder) {
-                    Ok(released) => success(lua, released),
-                    Err(e) => failure(lua, e),
-                }
-            })
-        });
-
-        methods.add_method(
-            "use",
-            |lua, this, (token, contact_of, host, now): (Value, Value, Value, Value)| {
-                let token = token_or_fail!(lua, token, 1, "use");
-                let contact_of = opt_string(contact_of, 2, "use")?;
-                let host = string(host, 3, "use")?;
-                let now = integer(&now, 4, "use")?;
-                guarded(lua, this, "use", || {
-                    match this.0.consume(&token, contact_of.as_deref(), &host, now) {
-                        Ok(found) => {
-                            success(lua, invite_table(lua, &found.key, &found.record, now)?)
-                        }
-                        Err(e) => failure(lua, e),
-                    }
-                })
-            },
-        );
-
-        methods.add_method("revoke", |lua, this, (token, now): (Value, Value)| {
-            let token = token_or_fail!(lua, token, 1, "revoke");
-            let now = integer(&now, 2, "revoke")?;
-            guarded(lua, this, "revoke", || match this.0.revoke(&token, now) {
-                Ok(found) => success(lua, invite_table(lua, &found.key, &found.record, now)?),
-                Err(e) => failure(lua, e),
-            })
-        });
-
-        methods.add_method("revoke_key", |lua, this, (key, now): (Value, Value)| {
-            let key = string(key, 1, "revoke_key")?;
-            let now = integer(&now, 2, "revoke_key")?;
-            guarded(lua, this, "revoke_key", || {
-                match this.0.revoke_key(&key, now) {
-                    Ok(found) => success(lua, invite_table(lua, &found.key, &found.record, now)?),
-                    Err(e) => failure(lua, e),
-                }
-            })
-        });
-
-        methods.add_method(
-            "prune",
-            |lua, this, (key, now, keep): (Value, Value, Value)| {
-                let key = string(key, 1, "prune")?;
-                let now = integer(&now, 2, "prune")?;
-                let keep = integer(&keep, 3, "prune")?;
-                guarded(lua, this, "prune", || match this.0.prune(&key, now, keep) {
-                    Ok(removed) => success(lua, removed),
-                    Err(e) => failure(lua, e),
-                })
-            },
-        );
-
-        methods.add_method(
-            "username_reserved",
-            |lua, this, (username, now): (Value, Value)| {
-                let username = string(username, 1, "username_reserved")?;
-                let now = integer(&now, 2, "username_reserved")?;
-                guarded(lua, this, "username_reserved", || {
-                    match this.0.username_reserved(&username, now, None) {
-                        Ok(reserved) => success(lua, reserved),
-                        Err(e) => failure(lua, e),
-                    }
-                })
-            },
-        );
-
-        methods.add_method("listed", |lua, this, (key, now): (Value, Value)| {
-            let key = string(key, 1, "listed")?;
-            let now = integer(&now, 2, "listed")?;
-            guarded(lua, this, "listed", || match this.0.listed(&key, now) {
-                Ok(Some(record)) => success(lua, listed_table(lua, &this.0, &key, record, now)?),
-                Ok(None) => success(lua, Value::Nil),
-                Err(e) => failure(lua, e),
-            })
-        });
-
-        methods.add_method(
-            "import_legacy",
-            |lua, this, (token, legacy, contact_of, now): (Value, Value, Value, Value)| {
-                let token = token_or_fail!(lua, token, 1, "import_legacy");
-                let Value::Table(legacy) = legacy else {
-                    return Err(bad_argument(2, "import_legacy", "table", &legacy));
-                };
-                let contact_of = opt_string(contact_of, 3, "import_legacy")?;
-                let now = integer(&now, 4, "import_legacy")?;
-                let m = "import_legacy";
-                let legacy = LegacyInvite {
-                    kind: kind(&legacy, m)?,
-                    jid: string(legacy.raw_get("jid")?, 2, m)?,
-                    allow_registration: opt_field_bool(&legacy, "allow_registration", m)?,
-                    additional_data: json_of(
-                        lua,
-                        legacy.raw_get("additional_data")?,
-                        "additional_data",
-                        m,
-                    )?,
-                    created_at: field_integer(&legacy, "created_at", m)?,
-                    expires: field_integer(&legacy, "expires", m)?,
-                    reusable: opt_field_bool(&legacy, "reusable", m)?,
-                    contact_of,
-                    landing_page: opt_field_string(&legacy, "landing_page", m)?,
-                };
-                guarded(lua, this, "import_legacy", || {
-                    match this.0.import_legacy(&token, legacy, now) {
-                        Ok(imported) => success(lua, imported),
-                        Err(e) => failure(lua, e),
-                    }
-                })
-            },
-        );
+        methods.add_method("create", create);
+        methods.add_method("prepare", prepare);
+        methods.add_method("store", store);
+        methods.add_method("get", get);
+        methods.add_method("reserve", reserve);
+        methods.add_method("confirm", confirm);
+        methods.add_method("release", release);
+        methods.add_method("resolve", resolve);
+        methods.add_method("use", redeem);
+        methods.add_method("revoke", revoke);
+        methods.add_method("revoke_key", revoke_key);
+        methods.add_method("prune", prune);
+        methods.add_method("username_reserved", username_reserved);
+        methods.add_method("listed", listed);
+        methods.add_method("import_legacy", import_legacy);
     }
 }
 
-/// Per-IP preauth limits (see `throttle.rs`), as userdata.
+/// `book:create(spec, now)` → the invite with its token, stored, or `nil, error`.
+fn create(lua: &Lua, book: &LuaBook, (spec, now): (Value, Value)) -> mlua::Result<MultiValue> {
+    let TableArg(spec) = arg(lua, spec, 1, "create")?;
+    let Integer(now) = arg(lua, now, 2, "create")?;
+    let InviteSpec(new) = arg(lua, Value::Table(spec), 1, "create")?;
+    guarded(lua, book, "create", || {
+        let mut created = book.0.prepare(new, now);
+        let invite = with_token(lua, &created.hash, &created.record, &created.token, now)?;
+        match book.0.store_created(&mut created) {
+            Ok(()) => success(lua, invite),
+            Err(e) => failure(lua, e),
+        }
+    })
+}
+
+/// A new invite between `prepare` and `store`: its token stays here, in Rust.
+pub struct LuaDraft(RefCell<Option<Created>>);
+
+impl UserData for LuaDraft {}
+
+/// A draft from `prepare`, taken: it is stored once.
+struct DraftArg(Created);
+
+impl FromLua for DraftArg {
+    fn from_lua(value: Value, _lua: &Lua) -> mlua::Result<Self> {
+        let Value::UserData(ud) = &value else {
+            return Err(expected("draft from prepare", &value));
+        };
+        let draft = ud
+            .borrow::<LuaDraft>()
+            .map_err(|_| expected("draft from prepare", &value))?;
+        let taken = draft.0.borrow_mut().take();
+        taken
+            .map(DraftArg)
+            .ok_or_else(|| refused("a draft that was stored already"))
+    }
+}
+
+/// `book:prepare(spec, now)` → the new invite with its token, and the draft to store it
+/// with. Nothing is stored yet: Prosody fires `invite-created` in between (from Lua, so its
+/// handlers may wait on I/O), and what they change is stored.
+fn prepare(lua: &Lua, book: &LuaBook, (spec, now): (Value, Value)) -> mlua::Result<MultiValue> {
+    let TableArg(spec) = arg(lua, spec, 1, "prepare")?;
+    let Integer(now) = arg(lua, now, 2, "prepare")?;
+    let InviteSpec(new) = arg(lua, Value::Table(spec), 1, "prepare")?;
+    guarded(lua, book, "prepare", || {
+        let created = book.0.prepare(new, now);
+        let invite = with_token(lua, &created.hash, &created.record, &created.token, now)?;
+        let draft = lua.create_userdata(LuaDraft(RefCell::new(Some(created))))?;
+        success(lua, (invite, draft))
+    })
+}
+
+/// `book:store(draft, invite)` → the invite, stored with the `additional_data` and
+/// `landing_page` it has now, or `nil, error`. A draft is stored once.
+fn store(lua: &Lua, book: &LuaBook, (draft, invite): (Value, Value)) -> mlua::Result<MultiValue> {
+    let TableArg(table) = arg(lua, invite, 2, "store")?;
+    let changes: HandlerChanges = arg(lua, Value::Table(table.clone()), 2, "store")?;
+    let DraftArg(mut created) = arg(lua, draft, 1, "store")?;
+    guarded(lua, book, "store", || {
+        created.record.additional_data = changes.additional_data;
+        created.record.landing_page = changes
+            .landing_page
+            .map(|url| LandingPage::without_token(&url, &created.token));
+        match book.0.store_created(&mut created) {
+            Ok(()) => success(lua, table),
+            Err(e) => failure(lua, e),
+        }
+    })
+}
+
+/// `book:get(token, contact_of, host, now)` → the valid invite, with its token.
+fn get(
+    lua: &Lua,
+    book: &LuaBook,
+    (token, contact_of, host, now): (Value, Value, Value, Value),
+) -> mlua::Result<MultiValue> {
+    let presented = match arg::<TokenArg>(lua, token, 1, "get")?.0 {
+        Ok(text) => text,
+        Err(e) => return failure(lua, e),
+    };
+    let OptText(contact_of) = arg(lua, contact_of, 2, "get")?;
+    let Text(host) = arg(lua, host, 3, "get")?;
+    let Integer(now) = arg(lua, now, 4, "get")?;
+    guarded(lua, book, "get", || {
+        match book
+            .0
+            .validate(&presented, contact_of.as_deref(), &host, now)
+        {
+            Ok((token, found)) => {
+                let t = with_token(lua, &found.hash, &found.record, &token, now)?;
+                if let Some(user) = &contact_of {
+                    t.raw_set("username", user.as_str())?;
+                }
+                success(lua, t)
+            }
+            Err(e) => failure(lua, e),
+        }
+    })
+}
+
+/// `book:reserve(token, claim, host, now)` → the invite, one use held for the claim.
+fn reserve(
+    lua: &Lua,
+    book: &LuaBook,
+    (token, claim, host, now): (Value, Value, Value, Value),
+) -> mlua::Result<MultiValue> {
+    let presented = match arg::<TokenArg>(lua, token, 1, "reserve")?.0 {
+        Ok(text) => text,
+        Err(e) => return failure(lua, e),
+    };
+    let TableArg(claim) = arg(lua, claim, 2, "reserve")?;
+    let Text(host) = arg(lua, host, 3, "reserve")?;
+    let Integer(now) = arg(lua, now, 4, "reserve")?;
+    let claim: ClaimSpec = arg(lua, Value::Table(claim), 2, "reserve")?;
+    guarded(lua, book, "reserve", || {
+        match book.0.reserve(&presented, &claim.claim(), &host, now) {
+            Ok(found) => success(lua, invite_table(lua, &found.hash, &found.record, now)?),
+            Err(e) => failure(lua, e),
+        }
+    })
+}
+
+/// `book:confirm(token, holder, host, now)` → the invite, the holder's use redeemed.
+fn confirm(
+    lua: &Lua,
+    book: &LuaBook,
+    (token, holder, host, now): (Value, Value, Value, Value),
+) -> mlua::Result<MultiValue> {
+    let presented = match arg::<TokenArg>(lua, token, 1, "confirm")?.0 {
+        Ok(text) => text,
+        Err(e) => return failure(lua, e),
+    };
+    let Text(holder) = arg(lua, holder, 2, "confirm")?;
+    let Text(host) = arg(lua, host, 3, "confirm")?;
+    let Integer(now) = arg(lua, now, 4, "confirm")?;
+    guarded(lua, book, "confirm", || {
+        match book.0.confirm(&presented, &holder, &host, now) {
+            Ok(found) => success(lua, invite_table(lua, &found.hash, &found.record, now)?),
+            Err(e) => failure(lua, e),
+        }
+    })
+}
+
+/// `book:release(token, holder, now)` → `"given-back"`, `"spent"` or `"nothing"`.
+fn release(
+    lua: &Lua,
+    book: &LuaBook,
+    (token, holder, now): (Value, Value, Value),
+) -> mlua::Result<MultiValue> {
+    let presented = match arg::<TokenArg>(lua, token, 1, "release")?.0 {
+        Ok(text) => text,
+        Err(e) => return failure(lua, e),
+    };
+    let Text(holder) = arg(lua, holder, 2, "release")?;
+    let Integer(now) = arg(lua, now, 3, "release")?;
+    guarded(lua, book, "release", || {
+        match book.0.release(&presented, &holder, now) {
+            Ok(released) => success(lua, released.as_str()),
+            Err(e) => failure(lua, e),
+        }
+    })
+}
+
+/// `book:resolve(reference)` → the key of the invite an admin names by token, key or id.
+fn resolve(lua: &Lua, book: &LuaBook, reference: Value) -> mlua::Result<MultiValue> {
+    let Text(reference) = arg(lua, reference, 1, "resolve")?;
+    guarded(lua, book, "resolve", || {
+        let backend = book.0.backend();
+        let walk = |visit: &mut dyn FnMut(&str) -> bool| {
+            backend.each_key(Space::Invites, visit).map_err(|e| {
+                backend.log(Level::Error, &format!("could not list invites: {e}"));
+                InviteError::Storage
+            })
+        };
+        match book.0.resolve(&reference, walk) {
+            Ok(hash) => success(lua, hash.key()),
+            Err(e) => failure(lua, e),
+        }
+    })
+}
+
+/// `book:use(token, contact_of, host, now)` → the invite, one use redeemed.
+fn redeem(
+    lua: &Lua,
+    book: &LuaBook,
+    (token, contact_of, host, now): (Value, Value, Value, Value),
+) -> mlua::Result<MultiValue> {
+    let presented = match arg::<TokenArg>(lua, token, 1, "use")?.0 {
+        Ok(text) => text,
+        Err(e) => return failure(lua, e),
+    };
+    let OptText(contact_of) = arg(lua, contact_of, 2, "use")?;
+    let Text(host) = arg(lua, host, 3, "use")?;
+    let Integer(now) = arg(lua, now, 4, "use")?;
+    guarded(lua, book, "use", || {
+        match book.0.redeem(&presented, contact_of.as_deref(), &host, now) {
+            Ok(found) => success(lua, invite_table(lua, &found.hash, &found.record, now)?),
+            Err(e) => failure(lua, e),
+        }
+    })
+}
+
+/// `book:revoke(token, now)` → the revoked invite.
+fn revoke(lua: &Lua, book: &LuaBook, (token, now): (Value, Value)) -> mlua::Result<MultiValue> {
+    let presented = match arg::<TokenArg>(lua, token, 1, "revoke")?.0 {
+        Ok(text) => text,
+        Err(e) => return failure(lua, e),
+    };
+    let Integer(now) = arg(lua, now, 2, "revoke")?;
+    guarded(lua, book, "revoke", || {
+        match book.0.revoke(&presented, now) {
+            Ok(found) => success(lua, invite_table(lua, &found.hash, &found.record, now)?),
+            Err(e) => failure(lua, e),
+        }
+    })
+}
+
+/// `book:revoke_key(key, now)` → the revoked invite.
+fn revoke_key(lua: &Lua, book: &LuaBook, (key, now): (Value, Value)) -> mlua::Result<MultiValue> {
+    let Key(hash) = arg(lua, key, 1, "revoke_key")?;
+    let Integer(now) = arg(lua, now, 2, "revoke_key")?;
+    guarded(lua, book, "revoke_key", || {
+        let revoked = hash
+            .ok_or(InviteError::TokenInvalid)
+            .and_then(|hash| book.0.revoke_key(&hash, now));
+        match revoked {
+            Ok(found) => success(lua, invite_table(lua, &found.hash, &found.record, now)?),
+            Err(e) => failure(lua, e),
+        }
+    })
+}
+
+/// `book:prune(key, now, keep)` → whether the record was removed.
+fn prune(
+    lua: &Lua,
+    book: &LuaBook,
+    (key, now, keep): (Value, Value, Value),
+) -> mlua::Result<MultiValue> {
+    let Key(hash) = arg(lua, key, 1, "prune")?;
+    let Integer(now) = arg(lua, now, 2, "prune")?;
+    let Integer(keep) = arg(lua, keep, 3, "prune")?;
+    guarded(lua, book, "prune", || {
+        let Some(hash) = hash else {
+            return success(lua, false);
+        };
+        match book.0.prune(&hash, now, keep) {
+            Ok(removed) => success(lua, removed),
+            Err(e) => failure(lua, e),
+        }
+    })
+}
+
+/// `book:username_reserved(username, now)` → whether a pending invite holds the name.
+fn username_reserved(
+    lua: &Lua,
+    book: &LuaBook,
+    (username, now): (Value, Value),
+) -> mlua::Result<MultiValue> {
+    let Text(username) = arg(lua, username, 1, "username_reserved")?;
+    let Integer(now) = arg(lua, now, 2, "username_reserved")?;
+    guarded(lua, book, "username_reserved", || {
+        match book.0.username_reserved(&username, now, None) {
+            Ok(reserved) => success(lua, reserved),
+            Err(e) => failure(lua, e),
+        }
+    })
+}
+
+/// `book:listed(key, now)` → the stored invite for listings, or nil.
+fn listed(lua: &Lua, book: &LuaBook, (key, now): (Value, Value)) -> mlua::Result<MultiValue> {
+    let Key(hash) = arg(lua, key, 1, "listed")?;
+    let Integer(now) = arg(lua, now, 2, "listed")?;
+    guarded(lua, book, "listed", || {
+        let Some(hash) = hash else {
+            return success(lua, Value::Nil);
+        };
+        match book.0.listed(&hash, now) {
+            Ok(Some(record)) => success(lua, listed_table(lua, &book.0, &hash, &record, now)?),
+            Ok(None) => success(lua, Value::Nil),
+            Err(e) => failure(lua, e),
+        }
+    })
+}
+
+/// `book:import_legacy(token, legacy, contact_of, now)` → whether a record was written.
+fn import_legacy(
+    lua: &Lua,
+    book: &LuaBook,
+    (token, legacy, contact_of, now): (Value, Value, Value, Value),
+) -> mlua::Result<MultiValue> {
+    let token = match arg::<TokenArg>(lua, token, 1, "import_legacy")?.0 {
+        Ok(text) => text,
+        Err(e) => return failure(lua, e),
+    };
+    let TableArg(legacy) = arg(lua, legacy, 2, "import_legacy")?;
+    let OptText(contact_of) = arg(lua, contact_of, 3, "import_legacy")?;
+    let Integer(now) = arg(lua, now, 4, "import_legacy")?;
+    let LegacySpec(mut legacy) = arg(lua, Value::Table(legacy), 2, "import_legacy")?;
+    legacy.contact_of = contact_of;
+    guarded(lua, book, "import_legacy", || {
+        match book.0.import_legacy(&token, legacy, now) {
+            Ok(imported) => success(lua, imported),
+            Err(e) => failure(lua, e),
+        }
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// The preauth throttle.
+
+/// Per-IP guessing limits (see `throttle.rs`), as Lua holds them (`core.throttle(…)`).
 pub struct LuaThrottle(RefCell<Throttle>);
 
 impl UserData for LuaThrottle {
     fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
-        methods.add_method("allows", |_, this, (address, now): (Value, Value)| {
-            let address = string(address, 1, "allows")?;
-            let now = integer(&now, 2, "allows")?;
-            Ok(this.0.borrow().allows(&address, now))
+        methods.add_method("allows", allows);
+        methods.add_method("retry_after", retry_after);
+        methods.add_method("failed", failed);
+        methods.add_method("tracked", |_, throttle, ()| {
+            Ok(throttle.0.borrow().tracked())
         });
-        methods.add_method("retry_after", |_, this, (address, now): (Value, Value)| {
-            let address = string(address, 1, "retry_after")?;
-            let now = integer(&now, 2, "retry_after")?;
-            Ok(this.0.borrow().retry_after(&address, now))
-        });
-        methods.add_method("failed", |_, this, (address, now): (Value, Value)| {
-            let address = string(address, 1, "failed")?;
-            let now = integer(&now, 2, "failed")?;
-            this.0.borrow_mut().failed(&address, now);
-            Ok(true)
-        });
-        methods.add_method("tracked", |_, this, ()| Ok(this.0.borrow().tracked()));
     }
 }
 
-fn positive(v: &Value, n: usize, method: &str) -> mlua::Result<i64> {
-    match integer(v, n, method) {
-        Ok(i) if i > 0 => Ok(i),
-        _ => Err(bad_argument(n, method, "positive integer", v)),
-    }
+/// `throttle:allows(address, now)` → whether `address` may try a token now.
+fn allows(lua: &Lua, throttle: &LuaThrottle, (address, now): (Value, Value)) -> mlua::Result<bool> {
+    let Text(address) = arg(lua, address, 1, "allows")?;
+    let Integer(now) = arg(lua, now, 2, "allows")?;
+    Ok(throttle.0.borrow().allows(&address, now))
 }
+
+/// `throttle:retry_after(address, now)` → seconds until `address` may try again, or nil.
+fn retry_after(
+    lua: &Lua,
+    throttle: &LuaThrottle,
+    (address, now): (Value, Value),
+) -> mlua::Result<Option<i64>> {
+    let Text(address) = arg(lua, address, 1, "retry_after")?;
+    let Integer(now) = arg(lua, now, 2, "retry_after")?;
+    Ok(throttle.0.borrow().retry_after(&address, now))
+}
+
+/// `throttle:failed(address, now)` → true; counts a failed try.
+fn failed(lua: &Lua, throttle: &LuaThrottle, (address, now): (Value, Value)) -> mlua::Result<bool> {
+    let Text(address) = arg(lua, address, 1, "failed")?;
+    let Integer(now) = arg(lua, now, 2, "failed")?;
+    throttle.0.borrow_mut().failed(&address, now);
+    Ok(true)
+}
+
+// ---------------------------------------------------------------------------------------
+// Exports.
 
 /// The table `luaopen_prosody_invites` returns.
 pub fn exports(lua: &Lua) -> mlua::Result<Table> {
     let exports = lua.create_table()?;
     exports.set("version", env!("CARGO_PKG_VERSION"))?;
-    exports.set(
-        "new",
-        lua.create_function(|lua, config: Value| {
-            let Value::Table(config) = config else {
-                return Err(bad_argument(1, "new", "table", &config));
-            };
-            let host = match config.raw_get::<Value>("host")? {
-                Value::String(s) if !s.as_bytes().is_empty() => s.to_str()?.to_owned(),
-                other => return Err(bad_field("host", "new", "non-empty string", &other)),
-            };
-            let invites: Table = match config.raw_get::<Value>("invites")? {
-                Value::Table(t) => t,
-                other => return Err(bad_field("invites", "new", "store", &other)),
-            };
-            let names: Table = match config.raw_get::<Value>("names")? {
-                Value::Table(t) => t,
-                other => return Err(bad_field("names", "new", "store", &other)),
-            };
-            let log = match config.raw_get::<Value>("log")? {
-                Value::Nil => None,
-                Value::Function(f) => Some(f),
-                other => return Err(bad_field("log", "new", "function or nil", &other)),
-            };
-            let account_exists = match config.raw_get::<Value>("account_exists")? {
-                Value::Nil => None,
-                Value::Function(f) => Some(f),
-                other => {
-                    return Err(bad_field(
-                        "account_exists",
-                        "new",
-                        "function or nil",
-                        &other,
-                    ))
-                }
-            };
-            // Sealed with a key file where one is named; "hash" keeps hashes only.
-            let key_file = opt_field_string(&config, "key_file", "new")?;
-            let storage = match opt_field_string(&config, "token_storage", "new")?.as_deref() {
-                Some("hash") => TokenStorage::Hash,
-                None if key_file.is_none() => TokenStorage::Hash,
-                Some("sealed") | None => match key_file {
-                    Some(path) if !path.is_empty() => TokenStorage::Sealed(path.into()),
-                    _ => {
-                        return Err(mlua::Error::RuntimeError(String::from(
-                            "bad field 'key_file' in argument to 'new' (a path expected \
-                             with token_storage \"sealed\")",
-                        )))
-                    }
-                },
-                Some(_) => {
-                    return Err(mlua::Error::RuntimeError(String::from(
-                        "bad field 'token_storage' in argument to 'new' \
-                         (\"sealed\" or \"hash\" expected)",
-                    )))
-                }
-            };
-            let backend = LuaBackend {
-                lua: lua.weak(),
-                invites,
-                names,
-                log,
-                account_exists,
-            };
-            lua.create_userdata(Book(
-                Invites::new(backend, &host).with_token_storage(storage),
-            ))
-        })?,
-    )?;
-    exports.set(
-        "throttle",
-        lua.create_function(|lua, (max, period, capacity): (Value, Value, Value)| {
-            let max = u32::try_from(positive(&max, 1, "throttle")?).unwrap_or(u32::MAX);
-            let period = positive(&period, 2, "throttle")?;
-            let capacity =
-                usize::try_from(positive(&capacity, 3, "throttle")?).unwrap_or(usize::MAX);
-            lua.create_userdata(LuaThrottle(RefCell::new(Throttle::new(
-                max, period, capacity,
-            ))))
-        })?,
-    )?;
-    exports.set(
-        "parse_duration",
-        lua.create_function(|lua, text: Value| {
-            let text = string(text, 1, "parse_duration")?;
-            match parse_duration(&text) {
-                Ok(seconds) => (Value::Integer(seconds), Value::Nil).into_lua_multi(lua),
-                Err(e) => (Value::Nil, e.to_string()).into_lua_multi(lua),
-            }
-        })?,
-    )?;
-    exports.set(
-        "key_of",
-        lua.create_function(|lua, token: Value| {
-            let token = string(token, 1, "key_of")?;
-            match Token::parse(&token) {
-                Ok(t) => (t.hash().key(), Value::Nil).into_lua_multi(lua),
-                Err(e) => (Value::Nil, e.name()).into_lua_multi(lua),
-            }
-        })?,
-    )?;
+    exports.set("new", lua.create_function(new_book)?)?;
+    exports.set("throttle", lua.create_function(new_throttle)?)?;
+    exports.set("period", lua.create_function(period)?)?;
+    exports.set("parse_duration", lua.create_function(duration)?)?;
+    exports.set("key_of", lua.create_function(key_of)?)?;
     Ok(exports)
+}
+
+/// `core.new(config)` → the book of one virtual host.
+fn new_book(lua: &Lua, config: Value) -> mlua::Result<LuaBook> {
+    let BookConfig {
+        host,
+        backend,
+        storage,
+    } = arg(lua, config, 1, "new")?;
+    Ok(LuaBook(
+        Book::new(backend, &host).with_token_storage(storage),
+    ))
+}
+
+/// `core.throttle(max, period, capacity)` → a throttle.
+fn new_throttle(
+    lua: &Lua,
+    (max, period, capacity): (Value, Value, Value),
+) -> mlua::Result<LuaThrottle> {
+    let Positive(max) = arg(lua, max, 1, "throttle")?;
+    let Positive(period) = arg(lua, period, 2, "throttle")?;
+    let Positive(capacity) = arg(lua, capacity, 3, "throttle")?;
+    let max = u32::try_from(max).unwrap_or(u32::MAX);
+    let capacity = usize::try_from(capacity).unwrap_or(usize::MAX);
+    Ok(LuaThrottle(RefCell::new(Throttle::new(
+        max, period, capacity,
+    ))))
+}
+
+/// `core.period(value, min, can_be_off)` → seconds, nil for off, or `nil, why`.
+fn period(lua: &Lua, (value, min, can_be_off): (Value, Value, Value)) -> mlua::Result<MultiValue> {
+    let Integer(min) = arg(lua, min, 2, "period")?;
+    let Flag(can_be_off) = arg(lua, can_be_off, 3, "period")?;
+    let value: PeriodValue = arg(lua, value, 1, "period")?;
+    let setting = match &value {
+        PeriodValue::Seconds(n) => PeriodSetting::Seconds(*n),
+        PeriodValue::Text(text) => PeriodSetting::Text(text),
+        PeriodValue::Off => PeriodSetting::Off,
+        PeriodValue::Not(type_name) => {
+            return (Value::Nil, format!("a {type_name} is not a period")).into_lua_multi(lua)
+        }
+    };
+    match period_setting(setting, min, can_be_off) {
+        Ok(Some(seconds)) => seconds.into_lua_multi(lua),
+        Ok(None) => Value::Nil.into_lua_multi(lua),
+        Err(e) => (Value::Nil, e).into_lua_multi(lua),
+    }
+}
+
+/// `core.parse_duration(text)` → seconds, or `nil, why`.
+fn duration(lua: &Lua, text: Value) -> mlua::Result<MultiValue> {
+    let Text(text) = arg(lua, text, 1, "parse_duration")?;
+    match parse_duration(&text) {
+        Ok(seconds) => (Value::Integer(seconds), Value::Nil).into_lua_multi(lua),
+        Err(e) => (Value::Nil, e.to_string()).into_lua_multi(lua),
+    }
+}
+
+/// `core.key_of(token)` → the key a token's invite is stored under, or `nil, error`.
+fn key_of(lua: &Lua, token: Value) -> mlua::Result<MultiValue> {
+    let Text(token) = arg(lua, token, 1, "key_of")?;
+    match Token::parse(&token) {
+        Ok(t) => (t.hash().key(), Value::Nil).into_lua_multi(lua),
+        Err(e) => (Value::Nil, e.name()).into_lua_multi(lua),
+    }
 }
 
 #[cfg(test)]
@@ -938,6 +1363,221 @@ mod tests {
             .eval()?;
         assert_eq!(err, "internal-server-error");
         assert_eq!(uses_left, Value::Integer(1));
+        Ok(())
+    }
+
+    /// The message `arg` raises for `value` as argument `n` of `function`.
+    fn raised<T: FromLua>(lua: &Lua, value: Value, n: usize, function: &str) -> String {
+        match arg::<T>(lua, value, n, function) {
+            Err(mlua::Error::RuntimeError(message)) => message,
+            Err(other) => panic!("not a refusal: {other}"),
+            Ok(_) => panic!("accepted"),
+        }
+    }
+
+    #[test]
+    fn conversions_refuse_quiet_coercions_and_say_so_as_lua_does() -> mlua::Result<()> {
+        let lua = Lua::new();
+        let text = |t: &str| lua.create_string(t).map(Value::String);
+        // Whole numbers only; a float only when it is one.
+        assert_eq!(arg::<Integer>(&lua, Value::Number(3.0), 2, "create")?.0, 3);
+        assert_eq!(
+            raised::<Integer>(&lua, Value::Number(1.5), 2, "create"),
+            "bad argument #2 to 'create' (integer expected, got number)"
+        );
+        for not_whole in [f64::NAN, f64::INFINITY, 2f64.powi(63)] {
+            raised::<Integer>(&lua, Value::Number(not_whole), 4, "get");
+        }
+        assert_eq!(
+            raised::<Integer>(&lua, text("1")?, 2, "create"),
+            "bad argument #2 to 'create' (integer expected, got string)"
+        );
+        // No number for a string, no truthiness for a boolean.
+        assert_eq!(
+            raised::<Text>(&lua, Value::Integer(42), 3, "reserve"),
+            "bad argument #3 to 'reserve' (string expected, got integer)"
+        );
+        assert_eq!(
+            raised::<OptText>(&lua, Value::Boolean(true), 2, "get"),
+            "bad argument #2 to 'get' (string or nil expected, got boolean)"
+        );
+        assert_eq!(
+            raised::<Flag>(&lua, Value::Integer(1), 3, "period"),
+            "bad argument #3 to 'period' (boolean or nil expected, got integer)"
+        );
+        assert!(!arg::<Flag>(&lua, Value::Nil, 3, "period")?.0);
+        assert_eq!(
+            raised::<Positive>(&lua, Value::Integer(0), 1, "throttle"),
+            "bad argument #1 to 'throttle' (positive integer expected, got integer)"
+        );
+        assert_eq!(
+            raised::<Callback>(&lua, text("f")?, 3, "create"),
+            "bad argument #3 to 'create' (function or nil expected, got string)"
+        );
+        // A token: nil and text that is not UTF-8 are answers, not misuse.
+        let token = |v| arg::<TokenArg>(&lua, v, 1, "get").map(|t| t.0.err());
+        assert_eq!(token(Value::Nil)?, Some(InviteError::NoToken));
+        assert_eq!(
+            token(Value::String(lua.create_string([0xff, 0xfe])?))?,
+            Some(InviteError::TokenInvalid)
+        );
+        assert_eq!(token(text("")?)?, None);
+        assert_eq!(
+            raised::<TokenArg>(&lua, Value::Integer(42), 1, "get"),
+            "bad argument #1 to 'get' (string expected, got integer)"
+        );
+        // A key: text that is no key names no invite.
+        assert!(arg::<Key>(&lua, text("zz")?, 1, "listed")?.0.is_none());
+        let key = Token::parse("t").unwrap().hash().key();
+        assert!(arg::<Key>(&lua, text(&key)?, 1, "listed")?.0.is_some());
+        assert!(arg::<Key>(&lua, text(&key.to_uppercase())?, 1, "listed")?
+            .0
+            .is_none());
+        Ok(())
+    }
+
+    #[test]
+    fn a_table_argument_names_the_field_that_is_wrong() -> mlua::Result<()> {
+        let lua = Lua::new();
+        let spec = |fields: &str| -> mlua::Result<Value> {
+            lua.load(format!(
+                "return {{ type = 'register', jid = 'example.com', ttl = 60, {fields} }}"
+            ))
+            .eval()
+        };
+        let create = |fields: &str| raised::<InviteSpec>(&lua, spec(fields).unwrap(), 1, "create");
+        assert_eq!(
+            create("ttl = 1.5"),
+            "bad field 'ttl' in argument to 'create' (integer expected, got number)"
+        );
+        for max_uses in ["0", "1.5", "2^32", "'3'"] {
+            assert_eq!(
+                create(&format!("max_uses = {max_uses}")),
+                "bad field 'max_uses' in argument to 'create' (positive integer expected)"
+            );
+        }
+        assert_eq!(
+            create("type = 'other'"),
+            "bad field 'type' in argument to 'create' (\"register\" or \"roster\" expected)"
+        );
+        assert_eq!(
+            create("type = 5"),
+            "bad field 'type' in argument to 'create' (string or nil expected, got integer)"
+        );
+        assert_eq!(
+            create("jid = ''"),
+            "bad field 'jid' in argument to 'create' (non-empty string expected)"
+        );
+        assert_eq!(
+            create("reusable = 'yes'"),
+            "bad field 'reusable' in argument to 'create' (boolean or nil expected, got string)"
+        );
+        assert!(create("additional_data = { f = print }").starts_with(
+            "bad field 'additional_data' in argument to 'create' (plain data expected: "
+        ));
+        let InviteSpec(new) = arg(&lua, spec("max_uses = 3.0, reusable = true")?, 1, "create")?;
+        assert_eq!((new.max_uses, new.reusable, new.ttl), (Some(3), true, 60));
+
+        // A claim's holder and username are named as the argument, its other fields as fields.
+        let claim = |t: &str| {
+            let value = lua.load(format!("return {{ {t} }}")).eval().unwrap();
+            raised::<ClaimSpec>(&lua, value, 2, "reserve")
+        };
+        assert_eq!(
+            claim("username = 'x'"),
+            "bad argument #2 to 'reserve' (string expected, got nil)"
+        );
+        assert_eq!(
+            claim("holder = 'h', username = 'x', validated_at = 'soon', lease_until = 1"),
+            "bad field 'validated_at' in argument to 'reserve' (integer expected, got string)"
+        );
+        assert_eq!(
+            claim("holder = 'h', username = 'x', account_exists = 1"),
+            "bad field 'account_exists' in argument to 'reserve' (boolean or nil expected, got integer)"
+        );
+
+        let config = |t: &str| {
+            let value = lua.load(format!("return {{ {t} }}")).eval().unwrap();
+            raised::<BookConfig>(&lua, value, 1, "new")
+        };
+        assert_eq!(
+            config("host = 'example.com', names = {}"),
+            "bad field 'invites' in argument to 'new' (store expected, got nil)"
+        );
+        assert_eq!(
+            config("host = '', invites = {}, names = {}"),
+            "bad field 'host' in argument to 'new' (non-empty string expected, got string)"
+        );
+        assert_eq!(
+            config("host = 'h', invites = {}, names = {}, token_storage = 'sealed'"),
+            "bad field 'key_file' in argument to 'new' (a path expected with token_storage \"sealed\")"
+        );
+        assert_eq!(
+            config("host = 'h', invites = {}, names = {}, token_storage = 'plain'"),
+            "bad field 'token_storage' in argument to 'new' (\"sealed\" or \"hash\" expected)"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn arguments_are_checked_in_order_and_a_missing_token_is_answered_first() -> mlua::Result<()> {
+        let lua = Lua::new();
+        book_with_breakable_store(&lua)?;
+        let answers: Vec<String> = lua
+            .load(
+                r#"
+                local function answer(...)
+                    local ok, a, b = pcall(...)
+                    return ok and tostring(a) .. " " .. tostring(b) or tostring(a):match("^[^\n]*")
+                end
+                return {
+                    -- No token: answered before the other (wrong) arguments are looked at.
+                    answer(book.get, book, nil, 5, nil, "x"),
+                    answer(book.release, book, "\255", nil, nil),
+                    -- Text that cannot be a token is answered where the token is looked at:
+                    -- after the host.
+                    answer(book.get, book, "", nil, "b.example.com", 1700000001),
+                    answer(book.get, book, "", nil, "example.com", 1700000001),
+                    answer(book.get, book, ("x"):rep(1025), nil, "example.com", 1700000001),
+                    -- A spec's fields after the arguments that follow it.
+                    answer(book.create, book, { type = "register", jid = "example.com", ttl = 1.5 }, 1.5),
+                    answer(book.create, book, "spec", 1.5),
+                }
+                "#,
+            )
+            .eval()?;
+        assert_eq!(
+            answers,
+            [
+                "nil no-token",
+                "nil token-invalid",
+                "nil wrong-host",
+                "nil no-token",
+                "nil token-invalid",
+                "runtime error: bad argument #2 to 'create' (integer expected, got number)",
+                "runtime error: bad argument #1 to 'create' (table expected, got string)",
+            ]
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn a_string_that_is_no_key_names_no_invite() -> mlua::Result<()> {
+        let lua = Lua::new();
+        book_with_breakable_store(&lua)?;
+        let (listed, pruned, revoked, name): (Value, bool, String, String) = lua
+            .load(
+                r#"
+                local _, revoked = book:revoke_key("zz", 1700000001)
+                return book:listed("zz", 1700000001), book:prune("zz", 1700000001, 0), revoked,
+                    tostring(book)
+                "#,
+            )
+            .eval()?;
+        assert!(listed.is_nil());
+        assert!(!pruned);
+        assert_eq!(revoked, "token-invalid");
+        assert!(name.starts_with("Book: "), "{name}");
         Ok(())
     }
 }

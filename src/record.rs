@@ -147,8 +147,8 @@ impl InviteRecord {
         serde_json::to_string(self).unwrap_or_else(|_| String::from("!"))
     }
 
-    /// Decodes and checks a stored record. `key` is the storage key it was found under.
-    pub fn decode(text: &str, key: &str) -> Result<InviteRecord, DecodeError> {
+    /// Decodes and checks a stored record. `hash` is the one it was looked up by.
+    pub fn decode(text: &str, hash: &TokenHash) -> Result<InviteRecord, DecodeError> {
         let record: InviteRecord = serde_json::from_str(text)
             .map_err(|e| DecodeError(format!("not a valid record: {e}")))?;
         if record.v != RECORD_VERSION {
@@ -159,9 +159,7 @@ impl InviteRecord {
             .strip_prefix(HASH_TAG)
             .and_then(TokenHash::from_key)
             .ok_or_else(|| DecodeError(String::from("hash field is not sha256 hex")))?;
-        let expected = TokenHash::from_key(key)
-            .ok_or_else(|| DecodeError(String::from("storage key is not sha256 hex")))?;
-        if !stored_hash.ct_eq(&expected) {
+        if stored_hash != *hash {
             return Err(DecodeError(String::from("record stored under another key")));
         }
         if record.jid.is_empty() {
@@ -248,30 +246,31 @@ pub(crate) mod tests {
         let record = sample(&token);
         let text = record.encode();
         assert!(!text.contains("secrettokenvalue"));
-        let key = token.hash().key();
-        assert_eq!(InviteRecord::decode(&text, &key).unwrap(), record);
+        assert_eq!(InviteRecord::decode(&text, &token.hash()).unwrap(), record);
     }
 
     #[test]
     fn rejects_corrupt_or_misplaced_records() {
         let token = Token::parse("secrettokenvalue").unwrap();
-        let key = token.hash().key();
-        let other_key = Token::parse("othertoken").unwrap().hash().key();
+        let hash = token.hash();
+        let other = Token::parse("othertoken").unwrap().hash();
         let good = sample(&token).encode();
-        assert!(InviteRecord::decode(&good, &other_key).is_err());
-        assert!(InviteRecord::decode(&good, "not-a-key").is_err());
+        assert_eq!(
+            InviteRecord::decode(&good, &other).err(),
+            Some(DecodeError(String::from("record stored under another key")))
+        );
         for bad in ["", "null", "[]", "{}", "{\"v\":1}", &good[..good.len() / 2]] {
-            assert!(InviteRecord::decode(bad, &key).is_err(), "{bad:?}");
+            assert!(InviteRecord::decode(bad, &hash).is_err(), "{bad:?}");
         }
         let mut r = sample(&token);
         r.v = 2;
-        assert!(InviteRecord::decode(&r.encode(), &key).is_err());
+        assert!(InviteRecord::decode(&r.encode(), &hash).is_err());
         let mut r = sample(&token);
         r.hash = String::from("md5:abc");
-        assert!(InviteRecord::decode(&r.encode(), &key).is_err());
+        assert!(InviteRecord::decode(&r.encode(), &hash).is_err());
         let mut r = sample(&token);
         r.max_uses = Some(0);
-        assert!(InviteRecord::decode(&r.encode(), &key).is_err());
+        assert!(InviteRecord::decode(&r.encode(), &hash).is_err());
     }
 
     #[test]

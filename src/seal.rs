@@ -20,7 +20,9 @@ use chacha20poly1305::{Key, XChaCha20Poly1305, XNonce};
 use rand::rngs::OsRng;
 use rand::{RngCore, TryRngCore};
 
-use crate::token::Token;
+use zeroize::Zeroizing;
+
+use crate::token::{Token, TokenHash};
 
 const KEY_BYTES: usize = 32;
 const NONCE_BYTES: usize = 24;
@@ -43,10 +45,12 @@ impl Sealer {
         }
     }
 
-    /// The token sealed for the record stored under `key`: hex of nonce and ciphertext.
-    pub fn seal(&self, token: &Token, key: &str) -> Option<String> {
+    /// The token sealed for the record of `hash`: hex of nonce and ciphertext. The record's
+    /// storage key is the associated data.
+    pub fn seal(&self, token: &Token, hash: &TokenHash) -> Option<String> {
         let mut nonce = [0u8; NONCE_BYTES];
         rand::rng().fill_bytes(&mut nonce);
+        let key = hash.key();
         let payload = Payload {
             msg: token.expose().as_bytes(),
             aad: key.as_bytes(),
@@ -61,28 +65,26 @@ impl Sealer {
         Some(hex::encode(out))
     }
 
-    /// The token of the record stored under `key`, if `sealed` opens with this key for that
-    /// record and the token is the one the key names.
-    pub fn open(&self, sealed: &str, key: &str) -> Option<Token> {
+    /// The token of the record of `hash`, if `sealed` opens with this key for that record
+    /// and the token is the one `hash` stands for.
+    pub fn open(&self, sealed: &str, hash: &TokenHash) -> Option<Token> {
         let bytes = hex::decode(sealed).ok()?;
         if bytes.len() <= NONCE_BYTES {
             return None;
         }
         let (nonce, ciphertext) = bytes.split_at(NONCE_BYTES);
+        let key = hash.key();
         let payload = Payload {
             msg: ciphertext,
             aad: key.as_bytes(),
         };
-        let mut plain = self
-            .cipher
-            .decrypt(XNonce::from_slice(nonce), payload)
-            .ok()?;
-        let token = std::str::from_utf8(&plain)
-            .ok()
-            .and_then(|t| Token::parse(t).ok());
-        plain.fill(0);
-        let token = token?;
-        (token.hash().key() == key).then_some(token)
+        let plain = Zeroizing::new(
+            self.cipher
+                .decrypt(XNonce::from_slice(nonce), payload)
+                .ok()?,
+        );
+        let token = Token::parse(std::str::from_utf8(&plain).ok()?).ok()?;
+        (token.hash() == *hash).then_some(token)
     }
 }
 
@@ -106,17 +108,17 @@ impl fmt::Display for KeyFileError {
 /// Reads the key at `path`, or makes one there (mode 0600) if there is none. A new file
 /// takes the owner of its folder, so that a key first made by `prosodyctl` run as root
 /// can be read by the user Prosody runs as. Two processes making it at once agree on one.
-pub fn load_or_create_key(path: &Path) -> Result<[u8; KEY_BYTES], KeyFileError> {
+pub fn load_or_create_key(path: &Path) -> Result<Zeroizing<[u8; KEY_BYTES]>, KeyFileError> {
     match fs::read_to_string(path) {
-        Ok(text) => return parse_key(&text),
+        Ok(text) => return parse_key(&Zeroizing::new(text)),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(KeyFileError::Io(e)),
     }
-    let mut key = [0u8; KEY_BYTES];
+    let mut key = Zeroizing::new([0u8; KEY_BYTES]);
     OsRng
-        .try_fill_bytes(&mut key)
+        .try_fill_bytes(key.as_mut())
         .map_err(|e| KeyFileError::Io(io::Error::other(e.to_string())))?;
-    let mut text = hex::encode(key);
+    let mut text = Zeroizing::new(hex::encode(key.as_ref()));
     text.push('\n');
     // Written whole under another name, then linked into place: a reader never sees half
     // a key, and a file made meanwhile by another process wins (link refuses to replace).
@@ -124,8 +126,6 @@ pub fn load_or_create_key(path: &Path) -> Result<[u8; KEY_BYTES], KeyFileError> 
     let written = write_private(&partial, text.as_bytes());
     let linked = written.and_then(|()| fs::hard_link(&partial, path));
     let _ = fs::remove_file(&partial);
-    text.clear();
-    key.fill(0);
     match linked {
         Ok(()) => {
             give_to_folder_owner(path);
@@ -163,9 +163,9 @@ fn give_to_folder_owner(path: &Path) {
     }
 }
 
-fn parse_key(text: &str) -> Result<[u8; KEY_BYTES], KeyFileError> {
-    let mut key = [0u8; KEY_BYTES];
-    hex::decode_to_slice(text.trim(), &mut key).map_err(|_| KeyFileError::Malformed)?;
+fn parse_key(text: &str) -> Result<Zeroizing<[u8; KEY_BYTES]>, KeyFileError> {
+    let mut key = Zeroizing::new([0u8; KEY_BYTES]);
+    hex::decode_to_slice(text.trim(), key.as_mut()).map_err(|_| KeyFileError::Malformed)?;
     Ok(key)
 }
 
@@ -180,7 +180,7 @@ mod tests {
     #[test]
     fn a_sealed_token_opens_only_in_its_own_record_with_its_own_key() {
         let token = Token::generate();
-        let key = token.hash().key();
+        let key = token.hash();
         let s = sealer(1);
         let sealed = s.seal(&token, &key).unwrap();
         assert!(!sealed.contains(token.expose()));
@@ -189,7 +189,7 @@ mod tests {
         assert_ne!(s.seal(&token, &key).unwrap(), sealed);
         // Another key, another record, a changed byte: nothing.
         assert!(sealer(2).open(&sealed, &key).is_none());
-        let other = Token::generate().hash().key();
+        let other = Token::generate().hash();
         assert!(s.open(&sealed, &other).is_none());
         let mut flipped = sealed.clone().into_bytes();
         let last = flipped.len() - 1;
@@ -207,7 +207,7 @@ mod tests {
         // Sealed for this key by someone who had the sealing key, but not this record's token.
         let s = sealer(3);
         let token = Token::generate();
-        let wrong_key = Token::generate().hash().key();
+        let wrong_key = Token::generate().hash();
         let sealed = s.seal(&token, &wrong_key).unwrap();
         assert!(s.open(&sealed, &wrong_key).is_none());
     }

@@ -4,8 +4,9 @@
 //! transition and writes it back. Time comes in as an argument so every transition is
 //! deterministic under test.
 //!
-//! A registration takes a use in two steps: `reserve` when the server is about to create
-//! the account (the `user-registering` event), `confirm` once it exists (`user-registered`).
+//! A registration redeems a use in two steps: `reserve` holds it when the server is about to
+//! create the account (the `user-registering` event), `confirm` redeems it once the account
+//! exists (`user-registered`).
 //! A registration that fails in between `release`s its reservation, so the use is not spent;
 //! a reservation nobody confirms or releases (a crash) lapses at its `until` time.
 
@@ -116,7 +117,7 @@ impl InviteRecord {
         self.reservations = kept;
         for r in &lapsed {
             if r.username.as_deref().is_some_and(&mut *account_exists) {
-                self.spend_one(now);
+                self.redeem_one(now);
             }
         }
         !lapsed.is_empty()
@@ -178,7 +179,7 @@ impl InviteRecord {
         Ok(())
     }
 
-    /// The registration holding `holder` succeeded: spend its use.
+    /// The registration holding `holder` succeeded: redeem its use.
     ///
     /// If the reservation lapsed meanwhile, the use is spent only if one is still free;
     /// otherwise `token-used` tells the caller an account was created the invite no
@@ -200,7 +201,7 @@ impl InviteRecord {
                 }
             }
         }
-        self.spend_one(now);
+        self.redeem_one(now);
         Ok(())
     }
 
@@ -211,8 +212,8 @@ impl InviteRecord {
         self.reservations.len() != before
     }
 
-    /// Spends a use without a reservation (`invite:use()`, XEP-0379 subscriptions).
-    pub fn consume(&mut self, now: i64) -> Result<(), InviteError> {
+    /// Redeems a use without a reservation (`invite:use()`, XEP-0379 subscriptions).
+    pub fn redeem(&mut self, now: i64) -> Result<(), InviteError> {
         self.prune_reservations(now);
         self.check_valid(now)?;
         if self
@@ -221,7 +222,7 @@ impl InviteRecord {
         {
             return Err(InviteError::TokenUsed);
         }
-        self.spend_one(now);
+        self.redeem_one(now);
         Ok(())
     }
 
@@ -232,7 +233,7 @@ impl InviteRecord {
         self.changed_at = Some(now);
     }
 
-    fn spend_one(&mut self, now: i64) {
+    fn redeem_one(&mut self, now: i64) {
         self.uses = self.uses.saturating_add(1);
         if self.state == StoredState::Pending && self.exhausted() {
             self.state = StoredState::Used;
@@ -414,7 +415,7 @@ mod tests {
             r.reserve(&claim("a", "alice"), 1501),
             Err(InviteError::TokenRevoked)
         );
-        assert_eq!(r.consume(1501), Err(InviteError::TokenRevoked));
+        assert_eq!(r.redeem(1501), Err(InviteError::TokenRevoked));
         assert_eq!(r.check_valid(1501), Err(InviteError::TokenRevoked));
     }
 
@@ -462,19 +463,19 @@ mod tests {
     }
 
     #[test]
-    fn consume_spends_directly_but_respects_reservations() {
+    fn redeem_spends_directly_but_respects_reservations() {
         let mut r = record();
         r.reserve(&claim("a", "alice"), 1500).unwrap();
-        assert_eq!(r.consume(1500), Err(InviteError::TokenUsed));
+        assert_eq!(r.redeem(1500), Err(InviteError::TokenUsed));
         r.release("a");
-        r.consume(1500).unwrap();
-        assert_eq!(r.consume(1500), Err(InviteError::TokenUsed));
+        r.redeem(1500).unwrap();
+        assert_eq!(r.redeem(1500), Err(InviteError::TokenUsed));
     }
 
     #[test]
     fn confirm_without_free_use_is_reported() {
         let mut r = record();
-        r.consume(1500).unwrap();
+        r.redeem(1500).unwrap();
         assert_eq!(r.confirm("ghost", 1500), Err(InviteError::TokenUsed));
         assert_eq!(r.uses, 1);
     }

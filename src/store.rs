@@ -68,6 +68,8 @@ pub struct MemoryBackend {
     pub logs: RefCell<Vec<(Level, String)>>,
     /// Fail one operation after this many more succeed (`None`: never), then work again.
     pub fail_after: Cell<Option<usize>>,
+    /// Once `fail_after` has failed an operation, fail every later one too (a store gone).
+    pub stay_failed: Cell<bool>,
     pub ops: Cell<usize>,
     /// Accounts that exist, as far as `account_exists` is concerned.
     pub accounts: RefCell<std::collections::BTreeSet<String>>,
@@ -82,7 +84,9 @@ impl MemoryBackend {
         self.ops.set(self.ops.get() + 1);
         match self.fail_after.get() {
             Some(0) => {
-                self.fail_after.set(None);
+                if !self.stay_failed.get() {
+                    self.fail_after.set(None);
+                }
                 Err(StoreError::Backend(String::from("injected failure")))
             }
             Some(n) => {

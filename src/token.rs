@@ -6,8 +6,12 @@
 
 use std::fmt;
 
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
 use rand::RngCore;
 use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+use zeroize::Zeroizing;
 
 use crate::error::InviteError;
 
@@ -22,19 +26,16 @@ const SHORT_ID_LEN: usize = 10;
 /// Prefix naming the hash function in stored records.
 pub const HASH_TAG: &str = "sha256:";
 
-const BASE64URL: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-
-/// The secret part of an invite. `Debug` and `Display` never show it, and it is not `Serialize`.
-pub struct Token(String);
+/// The secret part of an invite. `Debug` and `Display` never show it, it is not
+/// `Serialize`, and its bytes are wiped when it is dropped.
+pub struct Token(Zeroizing<String>);
 
 impl Token {
     /// A fresh token from the operating system's CSPRNG (through rand's thread RNG).
     pub fn generate() -> Token {
-        let mut bytes = [0u8; TOKEN_BYTES];
-        rand::rng().fill_bytes(&mut bytes);
-        let token = Token(base64url(&bytes));
-        bytes.fill(0);
-        token
+        let mut bytes = Zeroizing::new([0u8; TOKEN_BYTES]);
+        rand::rng().fill_bytes(bytes.as_mut());
+        Token(Zeroizing::new(URL_SAFE_NO_PAD.encode(bytes.as_ref())))
     }
 
     /// Accepts a token from a client, a URL or an admin. Ours are base64url, but an invite
@@ -48,7 +49,7 @@ impl Token {
         if candidate.len() > MAX_TOKEN_LEN {
             return Err(InviteError::TokenInvalid);
         }
-        Ok(Token(candidate.to_owned()))
+        Ok(Token(Zeroizing::new(candidate.to_owned())))
     }
 
     /// The secret itself, for building the one URI that carries it.
@@ -57,17 +58,7 @@ impl Token {
     }
 
     pub fn hash(&self) -> TokenHash {
-        let digest = Sha256::digest(self.0.as_bytes());
-        let mut out = [0u8; 32];
-        out.copy_from_slice(&digest);
-        TokenHash(out)
-    }
-}
-
-impl Drop for Token {
-    fn drop(&mut self) {
-        // SAFETY: zero bytes are valid UTF-8, so the String stays well-formed.
-        unsafe { self.0.as_bytes_mut().fill(0) };
+        TokenHash(Sha256::digest(self.0.as_bytes()).into())
     }
 }
 
@@ -83,8 +74,10 @@ impl fmt::Display for Token {
     }
 }
 
-/// SHA-256 of a token: what storage is keyed by.
-#[derive(Clone, Copy, PartialEq, Eq)]
+/// SHA-256 of a token: what stands for the token everywhere but the one URI. Storage is
+/// keyed by its hex form ([`TokenHash::key`]). Equality is constant-time (`subtle`), so
+/// timing never tells how much of a hash matched.
+#[derive(Clone, Copy)]
 pub struct TokenHash([u8; 32]);
 
 impl TokenHash {
@@ -113,47 +106,28 @@ impl TokenHash {
 
     /// A short, non-secret name for logs and listings: the last hex digits of the hash.
     pub fn short_id(&self) -> String {
-        short_id_of_key(&self.key())
-    }
-
-    /// Compares without an early exit, so timing does not tell how much of a hash matched.
-    pub fn ct_eq(&self, other: &TokenHash) -> bool {
-        let mut diff = 0u8;
-        for (a, b) in self.0.iter().zip(other.0.iter()) {
-            diff |= a ^ b;
-        }
-        diff == 0
+        hex::encode(&self.0[self.0.len() - SHORT_ID_LEN / 2..])
     }
 }
+
+impl ConstantTimeEq for TokenHash {
+    fn ct_eq(&self, other: &TokenHash) -> subtle::Choice {
+        self.0.ct_eq(&other.0)
+    }
+}
+
+impl PartialEq for TokenHash {
+    fn eq(&self, other: &TokenHash) -> bool {
+        self.ct_eq(other).into()
+    }
+}
+
+impl Eq for TokenHash {}
 
 impl fmt::Debug for TokenHash {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "TokenHash({})", self.short_id())
     }
-}
-
-/// The short id of a storage key (see [`TokenHash::short_id`]).
-pub fn short_id_of_key(key: &str) -> String {
-    let start = key.len().saturating_sub(SHORT_ID_LEN);
-    key.get(start..).unwrap_or(key).to_owned()
-}
-
-fn base64url(bytes: &[u8]) -> String {
-    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
-    for chunk in bytes.chunks(3) {
-        let b = [
-            chunk[0],
-            chunk.get(1).copied().unwrap_or(0),
-            chunk.get(2).copied().unwrap_or(0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        let chars = chunk.len() + 1;
-        for i in 0..chars {
-            let idx = (n >> (18 - 6 * i)) & 0x3f;
-            out.push(char::from(BASE64URL[idx as usize]));
-        }
-    }
-    out
 }
 
 #[cfg(test)]
@@ -217,16 +191,19 @@ mod tests {
         assert_eq!(TokenHash::from_key(&h.key()), Some(h));
         assert!(TokenHash::from_key("zz").is_none());
         assert!(TokenHash::from_key(&"G".repeat(64)).is_none());
-        assert!(h.ct_eq(&h));
-        assert!(!h.ct_eq(&Token::parse("abd").unwrap().hash()));
+        assert!(bool::from(h.ct_eq(&h)));
+        assert!(!bool::from(h.ct_eq(&Token::parse("abd").unwrap().hash())));
+        assert_ne!(h, Token::parse("abd").unwrap().hash());
     }
 
     #[test]
-    fn base64url_matches_rfc4648_vectors() {
-        assert_eq!(base64url(b"f"), "Zg");
-        assert_eq!(base64url(b"fo"), "Zm8");
-        assert_eq!(base64url(b"foo"), "Zm9v");
-        assert_eq!(base64url(b"foob"), "Zm9vYg");
-        assert_eq!(base64url(&[0xfb, 0xff]), "-_8");
+    fn generated_tokens_are_base64url_of_144_random_bits() {
+        let t = Token::generate();
+        let bytes = URL_SAFE_NO_PAD.decode(t.expose()).unwrap();
+        assert_eq!(bytes.len(), TOKEN_BYTES);
+        assert!(t
+            .expose()
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'));
     }
 }

@@ -247,7 +247,7 @@ local function list_once()
 	local a = clock();
 	local iter, state, ctl = invites.pending_account_invites();
 	while true do
-		local k, v = iter(state, ctl);
+		local k = iter(state, ctl);
 		if k == nil then break; end
 		ctl = k;
 		count = count + 1;

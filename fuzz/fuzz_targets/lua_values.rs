@@ -258,6 +258,7 @@ const BOOK_METHODS: &[&str] = &[
     "username_reserved",
     "listed",
     "import_legacy",
+    "resolve",
 ];
 
 /// Builds the value an argument or field should have.
@@ -836,6 +837,15 @@ impl Harness<'_> {
             "release" => {
                 args.push(self.arg(|h| h.token())?);
                 args.push(self.arg(|h| h.word(&["h1", "h2", "h3"]))?);
+                args.push(self.time()?);
+            }
+            "resolve" => {
+                // A token, a key, or an id (a key's end).
+                args.push(self.arg(|h| match h.input.below(3) {
+                    0 => h.token(),
+                    1 => h.key(),
+                    _ => h.word(&["0000", "abcd", "zz", "f"]),
+                })?);
             }
             "revoke" => {
                 args.push(self.arg(|h| h.token())?);

@@ -8,6 +8,7 @@
 -- consumes an invite and one single-use invite never creates two accounts.
 
 local st = require "util.stanza";
+local errors = require "util.error";
 local jid_split = require "util.jid".split;
 local jid_bare = require "util.jid".bare;
 local rostermanager = require "core.rostermanager";
@@ -75,33 +76,47 @@ end
 
 local xmlns_pars = "urn:xmpp:pars:0";
 
--- Every refusal, once: error name (from mod_invites) → stanza error.
-local refusals = {
-	["no-token"] = { "modify", "bad-request", "The invitation token is missing" };
-	["token-invalid"] = { "cancel", "item-not-found", "This invitation is not valid" };
-	["token-expired"] = { "cancel", "item-not-found", "This invitation has expired" };
-	["token-used"] = { "cancel", "item-not-found", "This invitation has already been used" };
-	["token-revoked"] = { "cancel", "item-not-found", "This invitation has been revoked" };
-	["username-mismatch"] = { "modify", "not-acceptable", "This invitation is for another username" };
-	["username-reserved"] = { "cancel", "conflict", "This username is reserved for an invited user" };
-	["username-taken"] = { "cancel", "conflict", "The requested username already exists." };
-	["account-not-found"] = { "modify", "not-acceptable", "This invitation only resets the password of an existing account" };
-	["internal-server-error"] = { "wait", "internal-server-error", "The invitation could not be checked, please try again later" };
-	["invite-only"] = { "modify", "not-acceptable", "Registration on this server is through invitation only" };
-	["preauth-not-set"] = { "modify", "bad-request", "A preauth request must be an iq of type 'set'" };
-	["wrong-host"] = { "cancel", "not-allowed", "This invitation is for another host" };
-	["throttled"] = { "wait", "policy-violation", "Too many invalid invitations from your address, please try again later" };
-};
+-- Every refusal, once, as Prosody's mod_register_limits keeps its errors: error name (from
+-- mod_invites) → stanza error, with the `reason` label it counts under in the rejected
+-- metric in `extra.metric`.
+local refusals = errors.init(module.name, {
+	["no-token"] = { type = "modify", condition = "bad-request",
+		text = "The invitation token is missing", extra = { metric = "invalid" } };
+	["token-invalid"] = { type = "cancel", condition = "item-not-found",
+		text = "This invitation is not valid", extra = { metric = "invalid" } };
+	["token-expired"] = { type = "cancel", condition = "item-not-found",
+		text = "This invitation has expired", extra = { metric = "expired" } };
+	["token-used"] = { type = "cancel", condition = "item-not-found",
+		text = "This invitation has already been used", extra = { metric = "used" } };
+	["token-revoked"] = { type = "cancel", condition = "item-not-found",
+		text = "This invitation has been revoked", extra = { metric = "revoked" } };
+	["username-mismatch"] = { type = "modify", condition = "not-acceptable",
+		text = "This invitation is for another username", extra = { metric = "username-mismatch" } };
+	["username-reserved"] = { type = "cancel", condition = "conflict",
+		text = "This username is reserved for an invited user", extra = { metric = "username-reserved" } };
+	["username-taken"] = { type = "cancel", condition = "conflict",
+		text = "The requested username already exists.", extra = { metric = "username-taken" } };
+	["account-not-found"] = { type = "modify", condition = "not-acceptable",
+		text = "This invitation only resets the password of an existing account", extra = { metric = "account-not-found" } };
+	["internal-server-error"] = { type = "wait", condition = "internal-server-error",
+		text = "The invitation could not be checked, please try again later", extra = { metric = "internal-server-error" } };
+	["invite-only"] = { type = "modify", condition = "not-acceptable",
+		text = "Registration on this server is through invitation only", extra = { metric = "invite-only" } };
+	["preauth-not-set"] = { type = "modify", condition = "bad-request",
+		text = "A preauth request must be an iq of type 'set'", extra = { metric = "preauth-not-set" } };
+	["wrong-host"] = { type = "cancel", condition = "not-allowed",
+		text = "This invitation is for another host", extra = { metric = "wrong-host" } };
+	["throttled"] = { type = "wait", condition = "policy-violation",
+		text = "Too many invalid invitations from your address, please try again later", extra = { metric = "throttled" } };
+});
 
 -- Metrics (shown at /metrics with mod_http_openmetrics).
 local redeemed_metric = module:metric("counter", "redeemed", "", "Invites redeemed", { "type" });
 local rejected_metric = module:metric("counter", "rejected", "", "Invites refused", { "reason" });
-local reject_reasons = {
-	["no-token"] = "invalid"; ["token-invalid"] = "invalid"; ["token-expired"] = "expired";
-	["token-revoked"] = "revoked"; ["token-used"] = "used";
-};
+-- A name outside the registry (from another module's invite-rejected) counts as itself.
 local function count_rejection(name)
-	rejected_metric:with_labels(reject_reasons[name] or name):add(1);
+	local entry = refusals.registry[name];
+	rejected_metric:with_labels(entry and entry.extra.metric or name):add(1);
 end
 local function count_redemption(invite)
 	redeemed_metric:with_labels(invite.reset and "reset" or invite.type):add(1);
@@ -111,24 +126,24 @@ module:hook("invite-rejected", function (event)
 	count_rejection(event.reason);
 end);
 
-local function refusal(name)
-	local r = refusals[name] or refusals["internal-server-error"];
-	return { type = r[1], condition = r[2], text = r[3] };
+-- A util.error for the refusal `name`; a name outside the registry is a server error.
+local function refusal(name, context)
+	if not refusals.registry[name] then name = "internal-server-error"; end
+	return refusals.new(name, context);
 end
 
 local function error_reply(stanza, name)
-	local e = refusal(name);
-	return st.error_reply(stanza, e.type, e.condition, e.text);
+	return st.error_reply(stanza, refusal(name));
 end
 
 -- Refuse a registration in user-registering, in both the util.error and the older style.
 local function refuse_registration(event, name, text)
-	local e = refusal(name);
-	if text then e.text = text; end
+	local err = refusal(name, event);
+	if text then err.text = text; end
 	event.allowed = false;
-	event.error = e;
-	-- The older fields, for readers that predate util.error (mod_invites_register_web)
-	event.reason, event.error_type, event.error_condition = e.text, e.type, e.condition;
+	event.error = err;
+	-- COMPAT pre-util.error: the older fields (mod_invites_register_web reads them)
+	event.reason, event.error_type, event.error_condition = err.text, err.type, err.condition;
 end
 
 local legacy_invite_stream_feature = st.stanza("register", { xmlns = "urn:xmpp:invite" }):up();
@@ -171,14 +186,15 @@ module:hook("stanza/iq/"..xmlns_pars..":preauth", function(event)
 	else
 		-- For the stream's host: Prosody hands us a preauth addressed to this host on a
 		-- stream opened to another, whose registration must not use our invite.
-		validated_invite, err = invites.get(token, nil, origin.host);
+		validated_invite, err = invites.get(token, nil, origin.host or "");
 	end
 	if err == "wrong-host" then
 		-- Refused before any lookup: not a guess, and nothing is left on the session.
 		origin.log("info", "Preauth for %s refused on a stream to %s", module.host, tostring(origin.host));
 		count_rejection(err);
-		origin.send(st.error_reply(stanza, "cancel", "not-allowed",
-			("Invitations for %s can only be used on a connection to %s"):format(module.host, module.host)));
+		local wrong_host = refusal(err);
+		wrong_host.text = ("Invitations for %s can only be used on a connection to %s"):format(module.host, module.host);
+		origin.send(st.error_reply(stanza, wrong_host));
 		return true;
 	elseif not validated_invite then
 		origin.log("debug", "Preauth refused: %s", err);

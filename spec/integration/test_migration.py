@@ -25,6 +25,9 @@ async def test_pending_invites_of_prosodys_store_are_imported_and_plaintext_remo
     # Plaintext copies are gone as soon as the server has started.
     assert server.grep_data(account_token) == []
     assert server.grep_data(contact_token) == []
+    # Imported sealed: an admin can still be shown the link (and nothing usable rests).
+    rc, out, _ = server.prosodyctl("mod_invites", "show", "localhost", account_token)
+    assert rc == 0 and f"preauth={account_token}" in out, out
 
     res = await xmpp.register_with_invite(server.port, account_token, "alice", "alice-pw")
     assert res.ok, res

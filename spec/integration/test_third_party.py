@@ -419,6 +419,30 @@ async def test_register_api_info_registration_reuse_and_bound_username(make_serv
     await xmpp.login(srv.port, f"carol@{HOST}", "carol password", presence=False)
 
 
+async def test_register_api_password_reset_works_once(make_server, request):
+    """mod_invites_register_api resets with set_password and fires user-password-reset with the
+    bare username: the reset link must still be spent, exactly once."""
+    site = await start_site(make_server, request)
+    srv = site.srv
+    srv.register_user("alice", "old password")
+    reset = (await site.hook("create_account_reset", "alice")).value
+    token = token_of(reset["uri"])
+    status, info, r = register_api(site, "GET", f"/invite/{token}")
+    assert status == 200 and info.get("reset") == "alice", (status, r.body[:500])
+
+    status, data, r = register_api(site, "POST", "/register",
+                                   {"username": "alice", "password": "new password", "token": token})
+    assert (status, data) == (200, {"jid": f"alice@{HOST}"}), (status, r.body[:500])
+    await xmpp.login(srv.port, f"alice@{HOST}", "new password", presence=False)
+
+    # Spent: the same link resets nothing again.
+    status, _, r = register_api(site, "POST", "/register",
+                                {"username": "alice", "password": "third password", "token": token})
+    assert status == 404, ("a used reset link", status, r.body[:500])
+    assert await xmpp.login_fails(srv.port, f"alice@{HOST}", "third password")
+    await xmpp.login(srv.port, f"alice@{HOST}", "new password", presence=False)
+
+
 async def test_invites_tracking_records_the_invite_of_each_account(make_server, request):
     site = await start_site(make_server, request)
     invite = (await site.hook("create_account", None, {"source": "portal/test"})).value

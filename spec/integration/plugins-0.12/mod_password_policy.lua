@@ -15,11 +15,11 @@ local options = module:get_option("password_policy", {});
 local length = options.length or 8;
 local policy = { length = length; exclude_username = options.exclude_username ~= false };
 
-function get_policy() --luacheck: ignore 131/get_policy
+function get_policy()
 	return policy;
 end
 
-function check_password(password, additional_info) --luacheck: ignore 131/check_password
+function check_password(password, additional_info)
 	if not password or password == "" then
 		return nil, "No password provided", "no-password";
 	end

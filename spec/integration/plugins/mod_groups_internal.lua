@@ -6,7 +6,7 @@
 
 local members = module:open_store("group_members");
 
-function add_member(group_id, username) --luacheck: ignore 131/add_member
+function add_member(group_id, username)
 	local set = members:get(group_id) or {};
 	set[username] = true;
 	return members:set(group_id, set);

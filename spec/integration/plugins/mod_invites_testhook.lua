@@ -43,7 +43,7 @@ local array = require "util.array";
 local usermanager = require "core.usermanager";
 local rostermanager = require "core.rostermanager";
 local modulemanager = require "core.modulemanager";
-local unpack = table.unpack or unpack; -- luacheck: ignore 113
+local unpack = table.unpack or unpack;
 
 local xmlns = "urn:prosody-invites:test";
 local host = module.host;
@@ -193,7 +193,7 @@ function helpers.module_info()
 end
 
 -- More helpers from other test modules (mod_thirdparty_testhook), answered the same way.
-function add_helpers(more) --luacheck: ignore 131/add_helpers
+function add_helpers(more)
 	for name, fn in pairs(more) do
 		helpers[name] = fn;
 	end

@@ -84,7 +84,7 @@ end
 
 local driver = {};
 
-function driver:open(store_name, typ)
+function driver.open(_, store_name, typ)
 	local real, err = inner:open(store_name, typ);
 	if not real then
 		return real, err;
@@ -92,11 +92,11 @@ function driver:open(store_name, typ)
 	return wrap_store(store_name, real);
 end
 
-function driver:stores(...)
+function driver.stores(_, ...)
 	return inner:stores(...);
 end
 
-function driver:purge(...)
+function driver.purge(_, ...)
 	return inner:purge(...);
 end
 

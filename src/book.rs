@@ -1,14 +1,15 @@
-//! Invite operations: each one a read-check-write sequence over one record.
+//! The book: the invites of one virtual host over its storage. Each operation is one
+//! read-check-write sequence over one record.
 //!
-//! `Invites` owns the storage layout (see `record.rs`) and applies the state machine
+//! `Book` owns the storage layout (see `record.rs`) and applies the state machine
 //! (see `state.rs`). It never reads more than the records an operation is about, and it
-//! logs only short ids, never tokens.
+//! logs only short ids, never tokens. Inside, an invite is named by its [`TokenHash`];
+//! the hex key is made only where a store is called.
 //!
-//! One `Invites` serves one virtual host. Every operation that lets an invite do
-//! something (validate, reserve, confirm, consume) is told which host it acts for, and
-//! refuses with `wrong-host` unless that is this host and the invite's: Prosody routes an
-//! unauthenticated stream's stanzas to whichever host they name, so a hook of one host can
-//! be handed an invite checked by another.
+//! Every operation that lets an invite do something (validate, reserve, confirm, redeem)
+//! is told which host it acts for, and refuses with `wrong-host` unless that is the book's
+//! host and the invite's: Prosody routes an unauthenticated stream's stanzas to whichever
+//! host they name, so a hook of one host can be handed an invite checked by another.
 
 use std::cell::{Cell, OnceCell};
 use std::path::PathBuf;
@@ -22,7 +23,7 @@ use crate::record::{
 use crate::seal::{load_or_create_key, Sealer};
 use crate::state::{Claim, Status};
 use crate::store::{Backend, Level, Space};
-use crate::token::{short_id_of_key, Token};
+use crate::token::{Token, TokenHash};
 use crate::uri::invite_uri;
 
 /// What a caller asks for when creating an invite.
@@ -43,6 +44,33 @@ pub struct NewInvite {
     pub inviter: Option<String>,
 }
 
+/// Whether the key file's mode lets its group or others read it.
+fn key_file_is_open_to_others(path: &std::path::Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).is_ok_and(|m| m.permissions().mode() & 0o077 != 0)
+}
+
+/// What became of a use held by a registration that failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Released {
+    /// The holder held nothing (already released, confirmed, or lapsed).
+    Nothing,
+    /// The use is free again.
+    GivenBack,
+    /// The account was created after all: the use is redeemed.
+    Spent,
+}
+
+impl Released {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Released::Nothing => "nothing",
+            Released::GivenBack => "given-back",
+            Released::Spent => "spent",
+        }
+    }
+}
+
 /// How tokens are kept at rest (`invite_token_storage`).
 #[derive(Debug)]
 pub enum TokenStorage {
@@ -58,7 +86,7 @@ pub enum TokenStorage {
 #[derive(Debug)]
 pub struct Created {
     pub token: Token,
-    pub key: String,
+    pub hash: TokenHash,
     pub record: InviteRecord,
 }
 
@@ -68,10 +96,10 @@ impl Created {
     }
 }
 
-/// An invite found from a token the caller presented.
+/// A stored invite, found by the token a caller presented or by its key.
 #[derive(Debug)]
 pub struct Found {
-    pub key: String,
+    pub hash: TokenHash,
     pub record: InviteRecord,
 }
 
@@ -98,7 +126,8 @@ pub struct LegacyInvite {
     pub landing_page: Option<String>,
 }
 
-pub struct Invites<B: Backend> {
+/// The invites of one virtual host, over the stores `backend` gives access to.
+pub struct Book<B: Backend> {
     backend: B,
     /// The virtual host whose invites these are.
     host: String,
@@ -109,10 +138,10 @@ pub struct Invites<B: Backend> {
     warned_unopened: Cell<bool>,
 }
 
-impl<B: Backend> Invites<B> {
+impl<B: Backend> Book<B> {
     /// A book for `host` that keeps only hashes (see `with_token_storage`).
-    pub fn new(backend: B, host: &str) -> Invites<B> {
-        Invites {
+    pub fn new(backend: B, host: &str) -> Book<B> {
+        Book {
             backend,
             host: host.to_ascii_lowercase(),
             storage: TokenStorage::Hash,
@@ -121,7 +150,7 @@ impl<B: Backend> Invites<B> {
         }
     }
 
-    pub fn with_token_storage(mut self, storage: TokenStorage) -> Invites<B> {
+    pub fn with_token_storage(mut self, storage: TokenStorage) -> Book<B> {
         self.storage = storage;
         self.sealer = OnceCell::new();
         self
@@ -135,10 +164,18 @@ impl<B: Backend> Invites<B> {
                 TokenStorage::Hash => None,
                 TokenStorage::SealedWithKey(key) => Some(Sealer::new(key)),
                 TokenStorage::Sealed(path) => match load_or_create_key(path) {
-                    Ok(mut key) => {
-                        let sealer = Sealer::new(&key);
-                        key.fill(0);
-                        Some(sealer)
+                    Ok(key) => {
+                        if key_file_is_open_to_others(path) {
+                            self.backend.log(
+                                Level::Warn,
+                                &format!(
+                                    "invite_token_key_file {} can be read by other users than \
+                                     its owner; make it mode 0600",
+                                    path.display()
+                                ),
+                            );
+                        }
+                        Some(Sealer::new(&key))
                     }
                     Err(e) => {
                         self.backend.log(
@@ -158,10 +195,10 @@ impl<B: Backend> Invites<B> {
 
     /// The token of a stored invite, where it was sealed and opens with our key. One
     /// warning when a sealed token does not open (another key, or an edited record).
-    pub fn token_of(&self, key: &str, record: &InviteRecord) -> Option<Token> {
+    pub fn token_of(&self, hash: &TokenHash, record: &InviteRecord) -> Option<Token> {
         let sealed = record.sealed_token.as_deref()?;
         let sealer = self.sealer()?;
-        let token = sealer.open(sealed, key);
+        let token = sealer.open(sealed, hash);
         if token.is_none() && !self.warned_unopened.replace(true) {
             let file = match &self.storage {
                 TokenStorage::Sealed(path) => path.display().to_string(),
@@ -173,7 +210,7 @@ impl<B: Backend> Invites<B> {
                     "the link of invite {} (and maybe others) cannot be shown: its token was \
                      sealed with another key than invite_token_key_file {file}, or its record \
                      was changed; the invite works, listings show it without a link",
-                    short_id_of_key(key)
+                    hash.short_id()
                 ),
             );
         }
@@ -199,7 +236,7 @@ impl<B: Backend> Invites<B> {
     }
 
     /// Refuses a record made for another host (copied data, a store shared by mistake).
-    fn made_here(&self, key: &str, record: &InviteRecord) -> Result<(), InviteError> {
+    fn made_here(&self, hash: &TokenHash, record: &InviteRecord) -> Result<(), InviteError> {
         if record.host().eq_ignore_ascii_case(&self.host) {
             return Ok(());
         }
@@ -207,7 +244,7 @@ impl<B: Backend> Invites<B> {
             Level::Warn,
             &format!(
                 "invite {} is stored for {} but names {}; refused",
-                short_id_of_key(key),
+                hash.short_id(),
                 self.host,
                 record.host()
             ),
@@ -221,11 +258,19 @@ impl<B: Backend> Invites<B> {
         InviteError::Storage
     }
 
-    /// Loads the record under `key`. A record that cannot be decoded is logged once and
+    /// Whether a record is stored for `hash` (whatever it holds).
+    fn exists(&self, hash: &TokenHash) -> Result<bool, InviteError> {
+        match self.backend.get(Space::Invites, &hash.key()) {
+            Ok(found) => Ok(found.is_some()),
+            Err(e) => Err(self.storage_failed("read", &hash.short_id(), &e)),
+        }
+    }
+
+    /// Loads the record of `hash`. A record that cannot be decoded is logged once and
     /// reported as `token-invalid`: it never raises and never grants anything.
-    fn load(&self, key: &str) -> Result<InviteRecord, InviteError> {
-        let id = short_id_of_key(key);
-        let text = match self.backend.get(Space::Invites, key) {
+    fn load(&self, hash: &TokenHash) -> Result<InviteRecord, InviteError> {
+        let id = hash.short_id();
+        let text = match self.backend.get(Space::Invites, &hash.key()) {
             Ok(Some(text)) => text,
             Ok(None) => return Err(InviteError::TokenInvalid),
             Err(StoreError::Malformed(what)) => {
@@ -237,7 +282,7 @@ impl<B: Backend> Invites<B> {
             }
             Err(e) => return Err(self.storage_failed("read", &id, &e)),
         };
-        InviteRecord::decode(&text, key).map_err(|e| {
+        InviteRecord::decode(&text, hash).map_err(|e| {
             self.backend.log(
                 Level::Warn,
                 &format!("ignoring corrupt invite record {id}: {e}"),
@@ -246,10 +291,10 @@ impl<B: Backend> Invites<B> {
         })
     }
 
-    fn save(&self, key: &str, record: &InviteRecord) -> Result<(), InviteError> {
+    fn save(&self, hash: &TokenHash, record: &InviteRecord) -> Result<(), InviteError> {
         self.backend
-            .put(Space::Invites, key, Some(&record.encode()))
-            .map_err(|e| self.storage_failed("write", &short_id_of_key(key), &e))
+            .put(Space::Invites, &hash.key(), Some(&record.encode()))
+            .map_err(|e| self.storage_failed("write", &hash.short_id(), &e))
     }
 
     /// Settles reservations a crash left behind (see `InviteRecord::settle_lapsed`).
@@ -266,7 +311,7 @@ impl<B: Backend> Invites<B> {
                 Ok(exists) => exists,
                 Err(e) => {
                     failure = Some(e);
-                    // Assume the account exists: spending a use is the safe side.
+                    // Assume the account exists: redeeming a use is the safe side.
                     true
                 }
             }
@@ -277,20 +322,21 @@ impl<B: Backend> Invites<B> {
         }
     }
 
-    fn find(&self, token: &str) -> Result<Found, InviteError> {
+    /// The invite for the token a caller presented, parsed here once.
+    fn find(&self, token: &str) -> Result<(Token, Found), InviteError> {
         let token = Token::parse(token)?;
-        let key = token.hash().key();
-        let record = self.load(&key)?;
-        Ok(Found { key, record })
+        let hash = token.hash();
+        let record = self.load(&hash)?;
+        Ok((token, Found { hash, record }))
     }
 
     /// `find` for an operation acting for `host`: refused unless that is this host and the
     /// invite's.
-    fn find_for(&self, token: &str, host: &str) -> Result<Found, InviteError> {
+    fn find_for(&self, token: &str, host: &str) -> Result<(Token, Found), InviteError> {
         self.acting_here(host)?;
-        let found = self.find(token)?;
-        self.made_here(&found.key, &found.record)?;
-        Ok(found)
+        let (token, found) = self.find(token)?;
+        self.made_here(&found.hash, &found.record)?;
+        Ok((token, found))
     }
 
     /// Creates and stores an invite (`prepare`, then `store_created`).
@@ -306,7 +352,6 @@ impl<B: Backend> Invites<B> {
     pub fn prepare(&self, spec: NewInvite, now: i64) -> Created {
         let token = Token::generate();
         let hash = token.hash();
-        let key = hash.key();
         let record = InviteRecord {
             v: RECORD_VERSION,
             hash: hash.tagged(),
@@ -328,18 +373,35 @@ impl<B: Backend> Invites<B> {
             sealed_token: None,
             landing_page: None,
         };
-        Created { token, key, record }
+        Created {
+            token,
+            hash,
+            record,
+        }
     }
 
     /// Stores an invite made by `prepare` (its token sealed, where tokens are).
     pub fn store_created(&self, created: &mut Created) -> Result<(), InviteError> {
-        let Created { token, key, record } = created;
-        record.sealed_token = self.sealer().and_then(|s| s.seal(token, key));
-        self.save(key, record)?;
+        let Created {
+            token,
+            hash,
+            record,
+        } = created;
+        record.sealed_token = self.sealer().and_then(|s| s.seal(token, hash));
+        self.save(hash, record)?;
         if let Some(name) = reserved_name(record) {
-            if let Err(e) = self.index_name(name, key, record.expires) {
+            if let Err(e) = self.index_name(name, hash, record.expires) {
                 // Without its reservation the invite must not exist: undo.
-                let _ = self.backend.put(Space::Invites, key, None);
+                if let Err(undo) = self.backend.put(Space::Invites, &hash.key(), None) {
+                    self.backend.log(
+                        Level::Error,
+                        &format!(
+                            "could not remove invite {} after failing to reserve its \
+                             username: {undo}; it stays stored without the reservation",
+                            hash.short_id()
+                        ),
+                    );
+                }
                 return Err(e);
             }
         }
@@ -348,26 +410,27 @@ impl<B: Backend> Invites<B> {
             &format!(
                 "created {} invite {}",
                 record.kind.as_str(),
-                short_id_of_key(key)
+                hash.short_id()
             ),
         );
         Ok(())
     }
 
     /// A valid invite for `token`, for account creation (`contact_of` = None) or for
-    /// subscribing to the local user `contact_of` (XEP-0379), on `host`.
+    /// subscribing to the local user `contact_of` (XEP-0379), on `host`. Gives the token
+    /// back parsed, for the caller to build the invite's links with.
     pub fn validate(
         &self,
         token: &str,
         contact_of: Option<&str>,
         host: &str,
         now: i64,
-    ) -> Result<Found, InviteError> {
-        let mut found = self.find_for(token, host)?;
+    ) -> Result<(Token, Found), InviteError> {
+        let (token, mut found) = self.find_for(token, host)?;
         if self.settle(&mut found.record, now, None)? {
             // Written so listings show it too; if that fails (logged), checking goes on
             // from the settled copy: a read must not fail for want of a write.
-            let _ = self.save(&found.key, &found.record);
+            let _ = self.save(&found.hash, &found.record);
         }
         let r = &found.record;
         match contact_of {
@@ -383,7 +446,7 @@ impl<B: Backend> Invites<B> {
             }
         }
         r.check_valid(now)?;
-        Ok(found)
+        Ok((token, found))
     }
 
     /// Holds one use for the registration `claim` describes, of an account on `host`; see
@@ -395,20 +458,21 @@ impl<B: Backend> Invites<B> {
         host: &str,
         now: i64,
     ) -> Result<Found, InviteError> {
-        let Found { key, mut record } = self.find_for(token, host)?;
+        let (_, Found { hash, mut record }) = self.find_for(token, host)?;
         self.settle(&mut record, now, None)?;
         record.reserve(claim, now)?;
         if record.username.as_deref() != Some(claim.username) && record.reset.is_none() {
             // The name may be held for somebody else's invite.
-            if self.username_reserved(claim.username, now, Some(&key))? {
+            if self.username_reserved(claim.username, now, Some(&hash))? {
                 return Err(InviteError::UsernameReserved);
             }
         }
-        self.save(&key, &record)?;
-        Ok(Found { key, record })
+        self.save(&hash, &record)?;
+        Ok(Found { hash, record })
     }
 
-    /// The registration holding `holder` (of an account on `host`) succeeded.
+    /// The registration holding `holder` (of an account on `host`) succeeded: its use is
+    /// redeemed.
     pub fn confirm(
         &self,
         token: &str,
@@ -416,7 +480,7 @@ impl<B: Backend> Invites<B> {
         host: &str,
         now: i64,
     ) -> Result<Found, InviteError> {
-        let Found { key, mut record } = self.find_for(token, host)?;
+        let (_, Found { hash, mut record }) = self.find_for(token, host)?;
         self.settle(&mut record, now, Some(holder))?;
         let outcome = record.confirm(holder, now);
         if outcome.is_err() {
@@ -424,53 +488,71 @@ impl<B: Backend> Invites<B> {
                 Level::Warn,
                 &format!(
                     "an account was created after every use of invite {} was spent",
-                    short_id_of_key(&key)
+                    hash.short_id()
                 ),
             );
         }
         outcome?;
-        self.save(&key, &record)?;
-        self.after_change(&key, &record);
-        Ok(Found { key, record })
+        self.save(&hash, &record)?;
+        self.after_change(&hash, &record);
+        Ok(Found { hash, record })
     }
 
-    /// The registration holding `holder` failed; its use is given back.
-    pub fn release(&self, token: &str, holder: &str) -> Result<bool, InviteError> {
-        let Found { key, mut record } = self.find(token)?;
-        if !record.release(holder) {
-            return Ok(false);
+    /// The registration holding `holder` failed. Its use is given back, unless the account
+    /// it was for exists after all (Prosody 13 creates the account before writing its
+    /// password and keeps it when that fails): then the use is redeemed.
+    pub fn release(&self, token: &str, holder: &str, now: i64) -> Result<Released, InviteError> {
+        let (_, Found { hash, mut record }) = self.find(token)?;
+        let Some(held) = record.reservations.iter().find(|r| r.holder == holder) else {
+            return Ok(Released::Nothing);
+        };
+        let account_created = match &held.username {
+            Some(username) => self
+                .backend
+                .account_exists(username)
+                .map_err(|e| self.storage_failed("check the account of", &hash.short_id(), &e))?,
+            None => false,
+        };
+        if account_created {
+            record.confirm(holder, now)?;
+            self.save(&hash, &record)?;
+            self.after_change(&hash, &record);
+            return Ok(Released::Spent);
         }
-        self.save(&key, &record)?;
-        Ok(true)
+        record.release(holder);
+        self.save(&hash, &record)?;
+        Ok(Released::GivenBack)
     }
 
-    /// Spends one use directly (`invite:use()`, accepted XEP-0379 subscriptions), on `host`.
-    pub fn consume(
+    /// Redeems one use directly (`invite:use()`, accepted XEP-0379 subscriptions), on `host`.
+    pub fn redeem(
         &self,
         token: &str,
         contact_of: Option<&str>,
         host: &str,
         now: i64,
     ) -> Result<Found, InviteError> {
-        let Found { key, mut record } = self.validate(token, contact_of, host, now)?;
-        record.consume(now)?;
-        self.save(&key, &record)?;
-        self.after_change(&key, &record);
-        Ok(Found { key, record })
+        let (_, Found { hash, mut record }) = self.validate(token, contact_of, host, now)?;
+        record.redeem(now)?;
+        self.save(&hash, &record)?;
+        self.after_change(&hash, &record);
+        Ok(Found { hash, record })
     }
 
-    /// Revokes the invite for `token`. Already used or revoked invites stay as they are.
+    /// Revokes the invite for `token`. One that is over already (used, revoked or expired)
+    /// is left as it is and named in the error: `token-used`, `token-revoked`,
+    /// `token-expired`.
     pub fn revoke(&self, token: &str, now: i64) -> Result<Found, InviteError> {
-        let found = self.find(token)?;
+        let (_, found) = self.find(token)?;
         self.revoke_found(found, now)
     }
 
-    /// Revokes the invite stored under `key` (admin commands name invites by id).
-    pub fn revoke_key(&self, key: &str, now: i64) -> Result<Found, InviteError> {
-        let record = self.load(key)?;
+    /// Revokes the invite of `hash` (admin commands name invites by key or id).
+    pub fn revoke_key(&self, hash: &TokenHash, now: i64) -> Result<Found, InviteError> {
+        let record = self.load(hash)?;
         self.revoke_found(
             Found {
-                key: key.to_owned(),
+                hash: *hash,
                 record,
             },
             now,
@@ -478,19 +560,70 @@ impl<B: Backend> Invites<B> {
     }
 
     fn revoke_found(&self, found: Found, now: i64) -> Result<Found, InviteError> {
-        let Found { key, mut record } = found;
-        if record.state == StoredState::Pending {
-            record.revoke(now);
-            self.save(&key, &record)?;
-            self.after_change(&key, &record);
+        let Found { hash, mut record } = found;
+        self.settle(&mut record, now, None)?;
+        match record.status(now) {
+            Status::Pending | Status::Reserved => {}
+            Status::Used => return Err(InviteError::TokenUsed),
+            Status::Revoked => return Err(InviteError::TokenRevoked),
+            Status::Expired => return Err(InviteError::TokenExpired),
         }
-        Ok(Found { key, record })
+        record.revoke(now);
+        self.save(&hash, &record)?;
+        self.after_change(&hash, &record);
+        Ok(Found { hash, record })
     }
 
-    /// Removes the record under `key` if the invite is over (used, revoked or expired) and
+    /// The invite an admin means by `reference`: a token, a handle (the full key), or a
+    /// unique end of at least four hex digits of a key (an id as `list` shows it).
+    /// `keys` walks the keys of the invite store (only needed for an id); it stops when
+    /// `visit` says so. Owners of that store that are no key are not invites, and skipped.
+    pub fn resolve(
+        &self,
+        reference: &str,
+        keys: impl FnOnce(&mut dyn FnMut(&str) -> bool) -> Result<(), InviteError>,
+    ) -> Result<TokenHash, InviteError> {
+        if let Ok(token) = Token::parse(reference) {
+            let hash = token.hash();
+            if self.exists(&hash)? {
+                return Ok(hash);
+            }
+        }
+        let id = reference.to_ascii_lowercase();
+        if id.len() < 4 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(InviteError::NoSuchInvite);
+        }
+        if let Some(hash) = TokenHash::from_key(&id) {
+            return if self.exists(&hash)? {
+                Ok(hash)
+            } else {
+                Err(InviteError::NoSuchInvite)
+            };
+        }
+        let mut found: Option<TokenHash> = None;
+        let mut ambiguous = false;
+        keys(&mut |key| {
+            let Some(hash) = TokenHash::from_key(key).filter(|_| key.ends_with(&id)) else {
+                return true;
+            };
+            if found.is_some() {
+                ambiguous = true;
+                return false;
+            }
+            found = Some(hash);
+            true
+        })?;
+        match found {
+            _ if ambiguous => Err(InviteError::AmbiguousId),
+            Some(hash) => Ok(hash),
+            None => Err(InviteError::NoSuchInvite),
+        }
+    }
+
+    /// Removes the record of `hash` if the invite is over (used, revoked or expired) and
     /// has been for `keep` seconds. Returns whether it was removed.
-    pub fn prune(&self, key: &str, now: i64, keep: i64) -> Result<bool, InviteError> {
-        let mut record = match self.load(key) {
+    pub fn prune(&self, hash: &TokenHash, now: i64, keep: i64) -> Result<bool, InviteError> {
+        let mut record = match self.load(hash) {
             Ok(record) => record,
             // Corrupt records stay for an admin to look at; unknown keys are not ours.
             Err(InviteError::TokenInvalid) => return Ok(false),
@@ -506,30 +639,34 @@ impl<B: Backend> Invites<B> {
             return Ok(false);
         }
         self.backend
-            .put(Space::Invites, key, None)
-            .map_err(|e| self.storage_failed("remove", &short_id_of_key(key), &e))?;
+            .put(Space::Invites, &hash.key(), None)
+            .map_err(|e| self.storage_failed("remove", &hash.short_id(), &e))?;
         let mut gone = record;
         gone.state = StoredState::Revoked;
-        self.after_change(key, &gone);
+        self.after_change(hash, &gone);
         Ok(true)
     }
 
-    /// Is `username` held for a pending invite (other than the one under `except_key`)?
+    /// Is `username` held for a pending invite (other than the one of `except`)?
     pub fn username_reserved(
         &self,
         username: &str,
         now: i64,
-        except_key: Option<&str>,
+        except: Option<&TokenHash>,
     ) -> Result<bool, InviteError> {
         let index = match self.load_index(username)? {
             Some(index) => index,
             None => return Ok(false),
         };
         for (key, expires) in &index.invites {
-            if Some(key.as_str()) == except_key || *expires < now {
+            let Some(hash) = TokenHash::from_key(key) else {
+                // Not a key we write: no invite to hold the name.
+                continue;
+            };
+            if Some(&hash) == except || *expires < now {
                 continue;
             }
-            match self.load(key) {
+            match self.load(&hash) {
                 Ok(record) if record.check_valid(now).is_ok() => return Ok(true),
                 Ok(_) | Err(InviteError::TokenInvalid) => continue,
                 Err(e) => return Err(e),
@@ -538,13 +675,10 @@ impl<B: Backend> Invites<B> {
         Ok(false)
     }
 
-    /// The record stored under `key`, for listings, with reservations a crash left behind
-    /// settled (in the copy only). Corrupt records are logged and skipped.
-    pub fn listed(&self, key: &str, now: i64) -> Result<Option<InviteRecord>, InviteError> {
-        if crate::token::TokenHash::from_key(key).is_none() {
-            return Ok(None);
-        }
-        match self.load(key) {
+    /// The record of `hash`, for listings, with reservations a crash left behind settled
+    /// (in the copy only). Corrupt records are logged and skipped.
+    pub fn listed(&self, hash: &TokenHash, now: i64) -> Result<Option<InviteRecord>, InviteError> {
+        match self.load(hash) {
             Ok(mut record) => {
                 self.settle(&mut record, now, None)?;
                 Ok(Some(record))
@@ -568,11 +702,8 @@ impl<B: Backend> Invites<B> {
         }
         let token = Token::parse(token)?;
         let hash = token.hash();
-        let key = hash.key();
-        match self.backend.get(Space::Invites, &key) {
-            Ok(Some(_)) => return Ok(false),
-            Ok(None) => {}
-            Err(e) => return Err(self.storage_failed("read", &hash.short_id(), &e)),
+        if self.exists(&hash)? {
+            return Ok(false);
         }
         let (username, reset) = legacy_binding(&legacy);
         let inviter = match legacy.kind {
@@ -600,15 +731,15 @@ impl<B: Backend> Invites<B> {
             username,
             reset,
             inviter,
-            sealed_token: self.sealer().and_then(|s| s.seal(&token, &key)),
+            sealed_token: self.sealer().and_then(|s| s.seal(&token, &hash)),
             landing_page: legacy
                 .landing_page
                 .as_deref()
                 .map(|url| LandingPage::without_token(url, &token)),
         };
-        self.save(&key, &record)?;
+        self.save(&hash, &record)?;
         if let Some(name) = reserved_name(&record) {
-            self.index_name(name, &key, record.expires)?;
+            self.index_name(name, &hash, record.expires)?;
         }
         self.backend.log(
             Level::Info,
@@ -645,20 +776,25 @@ impl<B: Backend> Invites<B> {
         }
     }
 
-    fn index_name(&self, username: &str, key: &str, expires: i64) -> Result<(), InviteError> {
+    fn index_name(
+        &self,
+        username: &str,
+        hash: &TokenHash,
+        expires: i64,
+    ) -> Result<(), InviteError> {
         let mut index = self.load_index(username)?.unwrap_or(NameIndex {
             v: RECORD_VERSION,
             ..NameIndex::default()
         });
-        index.invites.insert(key.to_owned(), expires);
+        index.invites.insert(hash.key(), expires);
         self.backend
             .put(Space::Names, username, Some(&index.encode()))
-            .map_err(|e| self.storage_failed("index", &short_id_of_key(key), &e))
+            .map_err(|e| self.storage_failed("index", &hash.short_id(), &e))
     }
 
     /// Once an invite can no longer register anybody, it stops reserving its name.
     /// Best effort: a stale index entry is ignored by `username_reserved` anyway.
-    fn after_change(&self, key: &str, record: &InviteRecord) {
+    fn after_change(&self, hash: &TokenHash, record: &InviteRecord) {
         if record.state == StoredState::Pending {
             return;
         }
@@ -668,7 +804,7 @@ impl<B: Backend> Invites<B> {
         let Ok(Some(mut index)) = self.load_index(name) else {
             return;
         };
-        if index.invites.remove(key).is_none() {
+        if index.invites.remove(&hash.key()).is_none() {
             return;
         }
         let encoded = index.encode();
@@ -682,7 +818,7 @@ impl<B: Backend> Invites<B> {
                 Level::Warn,
                 &format!(
                     "could not update username index for invite {}: {e}",
-                    short_id_of_key(key)
+                    hash.short_id()
                 ),
             );
         }
@@ -724,8 +860,8 @@ mod tests {
 
     const HOST: &str = "example.com";
 
-    fn book() -> Invites<MemoryBackend> {
-        Invites::new(MemoryBackend::new(), HOST)
+    fn book() -> Book<MemoryBackend> {
+        Book::new(MemoryBackend::new(), HOST)
     }
 
     fn account(username: Option<&str>) -> NewInvite {
@@ -771,7 +907,7 @@ mod tests {
         }
     }
 
-    fn everything_stored(b: &Invites<MemoryBackend>) -> String {
+    fn everything_stored(b: &Book<MemoryBackend>) -> String {
         let slots = b.backend().slots.borrow();
         slots
             .iter()
@@ -792,7 +928,7 @@ mod tests {
             .borrow()
             .iter()
             .all(|(_, m)| !m.contains(&token)));
-        assert_eq!(c.key, c.token.hash().key());
+        assert_eq!(c.hash, c.token.hash());
         assert_eq!(
             c.uri(),
             format!("xmpp:example.com?register;preauth={token}")
@@ -856,13 +992,13 @@ mod tests {
     }
 
     #[test]
-    fn failed_registration_does_not_consume() {
+    fn failed_registration_does_not_redeem() {
         let b = book();
         let c = b.create(account(None), 1000).unwrap();
         let t = c.token.expose();
         b.reserve(t, &claim("A", "alice", 1001), HOST, 1001)
             .unwrap();
-        assert!(b.release(t, "A").unwrap());
+        assert_eq!(b.release(t, "A", 1002).unwrap(), Released::GivenBack);
         b.reserve(t, &claim("A", "alice2", 1001), HOST, 1002)
             .unwrap();
         b.confirm(t, "A", HOST, 1002).unwrap();
@@ -916,7 +1052,7 @@ mod tests {
             Some(InviteError::TokenRevoked)
         );
         assert!(!b.username_reserved("alice", 1003, None).unwrap());
-        let r = b.listed(&c.key, 1003).unwrap().unwrap();
+        let r = b.listed(&c.hash, 1003).unwrap().unwrap();
         assert_eq!(r.status(1003), Status::Revoked);
     }
 
@@ -938,7 +1074,7 @@ mod tests {
             Some(InviteError::TokenInvalid)
         );
         b.validate(t, Some("romeo"), HOST, 1001).unwrap();
-        b.consume(t, Some("romeo"), HOST, 1001).unwrap();
+        b.redeem(t, Some("romeo"), HOST, 1001).unwrap();
         assert_eq!(
             b.validate(t, Some("romeo"), HOST, 1001).err(),
             Some(InviteError::TokenUsed)
@@ -958,7 +1094,8 @@ mod tests {
     fn corrupt_records_are_logged_without_secrets_and_refused() {
         let b = book();
         let c = b.create(account(None), 1000).unwrap();
-        b.backend().set_raw(Space::Invites, &c.key, "{not json");
+        b.backend()
+            .set_raw(Space::Invites, &c.hash.key(), "{not json");
         assert_eq!(
             b.validate(c.token.expose(), None, HOST, 1001).err(),
             Some(InviteError::TokenInvalid)
@@ -976,7 +1113,7 @@ mod tests {
         let c = b.create(account(None), 1000).unwrap();
         let t = c.token.expose().to_owned();
         let before = everything_stored(&b);
-        // Fail at every step of reserve/confirm: nothing may end up consumed.
+        // Fail at every step of reserve/confirm: nothing may end up redeemed.
         for fail_at in 0..4 {
             b.backend().fail_after.set(Some(fail_at));
             let r = b
@@ -985,7 +1122,7 @@ mod tests {
             b.backend().fail_after.set(None);
             if let Err(e) = r {
                 assert_eq!(e, InviteError::Storage);
-                let _ = b.release(&t, "A");
+                let _ = b.release(&t, "A", 1001);
                 assert_eq!(everything_stored(&b), before, "fail_at={fail_at}");
             } else {
                 break;
@@ -1012,6 +1149,34 @@ mod tests {
     }
 
     #[test]
+    fn a_failed_undo_is_logged_by_the_invites_id() {
+        let b = book();
+        // save ok, index read ok, index write fails, and so does the undo.
+        b.backend().fail_after.set(Some(2));
+        b.backend().stay_failed.set(true);
+        assert_eq!(
+            b.create(account(Some("alice")), 1000).err(),
+            Some(InviteError::Storage)
+        );
+        b.backend().fail_after.set(None);
+        // The invite stays, without its reservation; the log says which one.
+        let slots = b.backend().slots.borrow();
+        let ((space, key), _) = slots.iter().next().unwrap();
+        assert_eq!((*space, slots.len()), (Space::Invites, 1));
+        let logs = b.backend().logs.borrow();
+        let (level, line) = logs.last().unwrap();
+        assert_eq!(*level, Level::Error);
+        assert_eq!(
+            line,
+            &format!(
+                "could not remove invite {} after failing to reserve its username: storage \
+                 error: injected failure; it stays stored without the reservation",
+                &key[54..]
+            )
+        );
+    }
+
+    #[test]
     fn legacy_invites_import_under_their_hash() {
         let b = book();
         let legacy = LegacyInvite {
@@ -1031,7 +1196,7 @@ mod tests {
         assert!(!b
             .import_legacy("OldToken16chars_", legacy.clone(), 1000)
             .unwrap());
-        let found = b.validate("OldToken16chars_", None, HOST, 1000).unwrap();
+        let (_, found) = b.validate("OldToken16chars_", None, HOST, 1000).unwrap();
         assert_eq!(found.record.reset.as_deref(), Some("alice"));
         assert_eq!(found.record.username.as_deref(), Some("alice"));
         let mut expired = legacy;
@@ -1045,23 +1210,24 @@ mod tests {
         let b = book();
         let pending = b.create(account(None), 1000).unwrap();
         let used = b.create(account(None), 1000).unwrap();
-        b.consume(used.token.expose(), None, HOST, 1010).unwrap();
+        b.redeem(used.token.expose(), None, HOST, 1010).unwrap();
         let revoked = b.create(account(Some("alice")), 1000).unwrap();
-        b.revoke_key(&revoked.key, 1020).unwrap();
+        b.revoke_key(&revoked.hash, 1020).unwrap();
         let expired = b.create(account(Some("bob")), 900).unwrap(); // expires at 1000
         let corrupt = b.create(account(None), 1000).unwrap();
-        b.backend().set_raw(Space::Invites, &corrupt.key, "junk");
+        b.backend()
+            .set_raw(Space::Invites, &corrupt.hash.key(), "junk");
 
         // Within the retention time nothing goes.
         for c in [&pending, &used, &revoked, &expired, &corrupt] {
-            assert!(!b.prune(&c.key, 1050, 100).unwrap());
+            assert!(!b.prune(&c.hash, 1050, 100).unwrap());
         }
         // Later, what is over goes; pending and corrupt records stay.
-        assert!(!b.prune(&pending.key, 1100, 0).unwrap());
-        assert!(b.prune(&used.key, 1110, 100).unwrap());
-        assert!(b.prune(&revoked.key, 1120, 100).unwrap());
-        assert!(b.prune(&expired.key, 1100, 100).unwrap());
-        assert!(!b.prune(&corrupt.key, 5000, 0).unwrap());
+        assert!(!b.prune(&pending.hash, 1100, 0).unwrap());
+        assert!(b.prune(&used.hash, 1110, 100).unwrap());
+        assert!(b.prune(&revoked.hash, 1120, 100).unwrap());
+        assert!(b.prune(&expired.hash, 1100, 100).unwrap());
+        assert!(!b.prune(&corrupt.hash, 5000, 0).unwrap());
         assert_eq!(b.backend().count(Space::Invites), 2);
         // The expired invite's name reservation went with it.
         assert_eq!(b.backend().count(Space::Names), 0);
@@ -1071,10 +1237,11 @@ mod tests {
     fn revoke_by_key_matches_revoke_by_token() {
         let b = book();
         let c = b.create(account(None), 1000).unwrap();
-        let found = b.revoke_key(&c.key, 1001).unwrap();
+        let found = b.revoke_key(&c.hash, 1001).unwrap();
         assert_eq!(found.record.status(1001), Status::Revoked);
         assert_eq!(
-            b.revoke_key("0".repeat(64).as_str(), 1001).err(),
+            b.revoke_key(&TokenHash::from_key(&"0".repeat(64)).unwrap(), 1001)
+                .err(),
             Some(InviteError::TokenInvalid)
         );
     }
@@ -1093,7 +1260,7 @@ mod tests {
                     let mut spec = account(None);
                     spec.max_uses = Some(max_uses);
                     let token = {
-                        let book = Invites::new(&backend, HOST);
+                        let book = Book::new(&backend, HOST);
                         book.create(spec, 1000).unwrap().token.expose().to_owned()
                     };
                     let mut created_by_invite = 0;
@@ -1101,7 +1268,7 @@ mod tests {
                     let mut first_failed = true;
                     {
                         // The first registration, cut short after `crash_at` steps.
-                        let book = Invites::new(&backend, HOST);
+                        let book = Book::new(&backend, HOST);
                         let claim = claim("A", "alice", 1001);
                         let mut run = || -> Option<()> {
                             step += 1;
@@ -1126,11 +1293,15 @@ mod tests {
                         let _ = run();
                     }
                     // Restart well after the lease; maybe an admin revokes the invite.
-                    let book = Invites::new(&backend, HOST);
+                    let book = Book::new(&backend, HOST);
                     // Past the lease (1061), before expiry (1100).
                     let later = 1090;
                     if revoke_after_restart {
-                        book.revoke(&token, later).unwrap();
+                        // Refused, and nothing changed, if the invite is used up already.
+                        match book.revoke(&token, later) {
+                            Ok(_) | Err(InviteError::TokenUsed) => {}
+                            Err(e) => panic!("revoke: {e}"),
+                        }
                     }
                     // Others try until the invite refuses.
                     let mut others = 0;
@@ -1179,7 +1350,7 @@ mod tests {
             .borrow_mut()
             .insert(String::from("alice"));
 
-        let listed = b.listed(&c.key, 1011).unwrap().unwrap();
+        let listed = b.listed(&c.hash, 1011).unwrap().unwrap();
         assert_eq!(listed.status(1011), Status::Used);
         assert_eq!(
             b.validate(t, None, HOST, 1011).err(),
@@ -1187,18 +1358,17 @@ mod tests {
         );
         // validate wrote the settled record: it reads as used with no accounts to ask.
         b.backend().accounts.borrow_mut().clear();
-        let stored = b.listed(&c.key, 1012).unwrap().unwrap();
+        let stored = b.listed(&c.hash, 1012).unwrap().unwrap();
         assert_eq!(stored.status(1012), Status::Used);
     }
 
     #[test]
-    fn listed_skips_foreign_and_corrupt_entries() {
+    fn listed_skips_corrupt_entries() {
         let b = book();
         let c = b.create(account(None), 1000).unwrap();
-        assert!(b.listed(&c.key, 1000).unwrap().is_some());
-        assert!(b.listed("not-a-key", 1000).unwrap().is_none());
-        b.backend().set_raw(Space::Invites, &c.key, "[]");
-        assert!(b.listed(&c.key, 1000).unwrap().is_none());
+        assert!(b.listed(&c.hash, 1000).unwrap().is_some());
+        b.backend().set_raw(Space::Invites, &c.hash.key(), "[]");
+        assert!(b.listed(&c.hash, 1000).unwrap().is_none());
     }
 
     #[test]
@@ -1221,7 +1391,7 @@ mod tests {
             Some(InviteError::WrongHost)
         );
         assert_eq!(
-            b.consume(t, None, other, 1001).err(),
+            b.redeem(t, None, other, 1001).err(),
             Some(InviteError::WrongHost)
         );
         // Held on its own host, the use cannot be confirmed for an account elsewhere.
@@ -1231,13 +1401,13 @@ mod tests {
             b.confirm(t, "A", other, 1002).err(),
             Some(InviteError::WrongHost)
         );
-        assert_eq!(b.load(&c.key).unwrap().uses, 0);
-        b.release(t, "A").unwrap();
+        assert_eq!(b.load(&c.hash).unwrap().uses, 0);
+        b.release(t, "A", 1002).unwrap();
         // Nothing was spent: it still works where it belongs (host names are case-blind).
         b.reserve(t, &claim("B", "bob", 1003), "Example.COM", 1003)
             .unwrap();
         b.confirm(t, "B", HOST, 1003).unwrap();
-        assert_eq!(b.load(&c.key).unwrap().uses, 1);
+        assert_eq!(b.load(&c.hash).unwrap().uses, 1);
         assert!(b
             .backend()
             .logs
@@ -1249,13 +1419,13 @@ mod tests {
     #[test]
     fn a_record_made_for_another_host_is_refused_and_logged() {
         let backend = MemoryBackend::new();
-        let theirs = Invites::new(&backend, "b.example.com");
+        let theirs = Book::new(&backend, "b.example.com");
         let mut spec = contact("romeo", true);
         spec.jid = String::from("romeo@b.example.com");
         let c = theirs.create(spec, 1000).unwrap();
         let t = c.token.expose();
         // The same stores opened for example.com (data copied between hosts).
-        let ours = Invites::new(&backend, HOST);
+        let ours = Book::new(&backend, HOST);
         assert_eq!(
             ours.validate(t, None, HOST, 1001).err(),
             Some(InviteError::WrongHost)
@@ -1291,8 +1461,8 @@ mod tests {
                 b.import_legacy(token, legacy(2000), 1000).unwrap(),
                 "{token:?}"
             );
-            let found = b.validate(token, None, HOST, 1000).unwrap();
-            assert_eq!(found.key, Token::parse(token).unwrap().hash().key());
+            let (_, found) = b.validate(token, None, HOST, 1000).unwrap();
+            assert_eq!(found.hash, Token::parse(token).unwrap().hash());
         }
         // Expired entries are dropped whatever their token, with no error to repeat.
         let huge = "x".repeat(crate::token::MAX_TOKEN_LEN + 1);
@@ -1306,7 +1476,7 @@ mod tests {
         );
     }
 
-    fn sealed_book(key: u8) -> Invites<MemoryBackend> {
+    fn sealed_book(key: u8) -> Book<MemoryBackend> {
         book().with_token_storage(TokenStorage::SealedWithKey([key; 32]))
     }
 
@@ -1316,30 +1486,30 @@ mod tests {
         let c = b.create(account(None), 1000).unwrap();
         let t = c.token.expose();
         assert!(!everything_stored(&b).contains(t));
-        let stored = b.load(&c.key).unwrap();
+        let stored = b.load(&c.hash).unwrap();
         assert!(stored.sealed_token.is_some());
-        assert_eq!(b.token_of(&c.key, &stored).unwrap().expose(), t);
+        assert_eq!(b.token_of(&c.hash, &stored).unwrap().expose(), t);
         // Hash only: nothing to open.
         let h = book();
         let c2 = h.create(account(None), 1000).unwrap();
-        let stored2 = h.load(&c2.key).unwrap();
+        let stored2 = h.load(&c2.hash).unwrap();
         assert!(stored2.sealed_token.is_none());
-        assert!(h.token_of(&c2.key, &stored2).is_none());
+        assert!(h.token_of(&c2.hash, &stored2).is_none());
     }
 
     #[test]
     fn another_key_or_a_moved_seal_shows_no_link_and_warns_once() {
         let backend = MemoryBackend::new();
         let first =
-            Invites::new(&backend, HOST).with_token_storage(TokenStorage::SealedWithKey([1; 32]));
+            Book::new(&backend, HOST).with_token_storage(TokenStorage::SealedWithKey([1; 32]));
         let a = first.create(account(None), 1000).unwrap();
         let b2 = first.create(account(None), 1000).unwrap();
         // The key file was replaced: the invites still work, their links are gone.
         let second =
-            Invites::new(&backend, HOST).with_token_storage(TokenStorage::SealedWithKey([2; 32]));
+            Book::new(&backend, HOST).with_token_storage(TokenStorage::SealedWithKey([2; 32]));
         for c in [&a, &b2] {
-            let r = second.load(&c.key).unwrap();
-            assert!(second.token_of(&c.key, &r).is_none());
+            let r = second.load(&c.hash).unwrap();
+            assert!(second.token_of(&c.hash, &r).is_none());
             assert!(second.validate(c.token.expose(), None, HOST, 1001).is_ok());
         }
         let warnings = backend
@@ -1350,11 +1520,11 @@ mod tests {
             .count();
         assert_eq!(warnings, 1);
         // A sealed token copied into another record does not open there.
-        let mut moved = first.load(&b2.key).unwrap();
-        moved.sealed_token = first.load(&a.key).unwrap().sealed_token;
-        assert!(first.token_of(&b2.key, &moved).is_none());
+        let mut moved = first.load(&b2.hash).unwrap();
+        moved.sealed_token = first.load(&a.hash).unwrap().sealed_token;
+        assert!(first.token_of(&b2.hash, &moved).is_none());
         assert!(first
-            .token_of(&a.key, &first.load(&a.key).unwrap())
+            .token_of(&a.hash, &first.load(&a.hash).unwrap())
             .is_some());
     }
 
@@ -1369,7 +1539,7 @@ mod tests {
         c.record.additional_data = Some(serde_json::json!({"groups": ["default"]}));
         b.store_created(&mut c).unwrap();
         assert!(!everything_stored(&b).contains(c.token.expose()));
-        let found = b.validate(c.token.expose(), None, HOST, 1001).unwrap();
+        let (_, found) = b.validate(c.token.expose(), None, HOST, 1001).unwrap();
         assert_eq!(found.record.landing_page.unwrap().with_token(&c.token), url);
         assert_eq!(
             found.record.additional_data,
@@ -1410,13 +1580,145 @@ mod tests {
         assert!(b.import_legacy(token, legacy, 1000).unwrap());
         assert!(!everything_stored(&b).contains(token));
         assert!(!everything_stored(&b).contains("Legacy%2BToken"));
-        let key = Token::parse(token).unwrap().hash().key();
-        let record = b.load(&key).unwrap();
-        let opened = b.token_of(&key, &record).unwrap();
+        let hash = Token::parse(token).unwrap().hash();
+        let record = b.load(&hash).unwrap();
+        let opened = b.token_of(&hash, &record).unwrap();
         assert_eq!(opened.expose(), token);
         assert_eq!(
             record.landing_page.unwrap().with_token(&opened),
             "https://example.com/invites_page?Legacy%2BToken%2F16%3D"
         );
+    }
+
+    #[test]
+    fn revoking_refuses_what_is_over_and_names_why() {
+        let b = book();
+        let used = b.create(account(None), 1000).unwrap();
+        b.redeem(used.token.expose(), None, HOST, 1001).unwrap();
+        assert_eq!(
+            b.revoke(used.token.expose(), 1002).err(),
+            Some(InviteError::TokenUsed)
+        );
+        let live = b.create(account(None), 1000).unwrap();
+        b.revoke(live.token.expose(), 1002).unwrap();
+        assert_eq!(
+            b.revoke_key(&live.hash, 1003).err(),
+            Some(InviteError::TokenRevoked)
+        );
+        let old = b.create(account(None), 1000).unwrap();
+        assert_eq!(
+            b.revoke(old.token.expose(), 1101).err(),
+            Some(InviteError::TokenExpired)
+        );
+        // Nothing was written for the refusals.
+        assert_eq!(b.load(&used.hash).unwrap().state, StoredState::Used);
+        assert_eq!(b.load(&old.hash).unwrap().state, StoredState::Pending);
+    }
+
+    #[test]
+    fn an_admin_reference_resolves_by_token_handle_or_unique_id() {
+        let b = book();
+        let a = b.create(account(None), 1000).unwrap();
+        let c = b.create(account(None), 1000).unwrap();
+        let (a_key, c_key) = (a.hash.key(), c.hash.key());
+        // The store may hold owners that are no key: they are no invites.
+        let keys: Vec<String> = vec![format!("zz{}", &a_key[54..]), a_key.clone(), c_key.clone()];
+        let walk = |visit: &mut dyn FnMut(&str) -> bool| {
+            for k in &keys {
+                if !visit(k) {
+                    break;
+                }
+            }
+            Ok(())
+        };
+        assert_eq!(b.resolve(a.token.expose(), walk).unwrap(), a.hash);
+        assert_eq!(b.resolve(&a_key, walk).unwrap(), a.hash);
+        assert_eq!(b.resolve(&a_key.to_uppercase(), walk).unwrap(), a.hash);
+        assert_eq!(b.resolve(&a_key[54..], walk).unwrap(), a.hash);
+        assert_eq!(
+            b.resolve("nope", walk).err(),
+            Some(InviteError::NoSuchInvite)
+        );
+        assert_eq!(
+            b.resolve(&"f".repeat(64), walk).err(),
+            Some(InviteError::NoSuchInvite)
+        );
+        // A suffix both keys share (the empty-ish one) is ambiguous.
+        let common = a_key
+            .chars()
+            .rev()
+            .zip(c_key.chars().rev())
+            .take_while(|(x, y)| x == y)
+            .count();
+        if common < 4 {
+            let walk_same = |visit: &mut dyn FnMut(&str) -> bool| {
+                for k in [format!("0000{}", &a_key[4..]), a_key.clone()] {
+                    if !visit(&k) {
+                        break;
+                    }
+                }
+                Ok(())
+            };
+            assert_eq!(
+                b.resolve(&a_key[50..], walk_same).err(),
+                Some(InviteError::AmbiguousId)
+            );
+        }
+    }
+
+    #[test]
+    fn a_failed_registration_whose_account_exists_spends_its_use() {
+        let b = book();
+        let c = b.create(account(None), 1000).unwrap();
+        let t = c.token.expose();
+        b.reserve(t, &claim("A", "alice", 1001), HOST, 1001)
+            .unwrap();
+        // Prosody 13 kept the account although registration failed.
+        b.backend()
+            .accounts
+            .borrow_mut()
+            .insert(String::from("alice"));
+        assert_eq!(b.release(t, "A", 1002).unwrap(), Released::Spent);
+        assert_eq!(b.load(&c.hash).unwrap().uses, 1);
+        assert_eq!(b.release(t, "A", 1003).unwrap(), Released::Nothing);
+        // A reset invite never spends on release: the account existed before.
+        let mut spec = account(Some("bob"));
+        spec.reset = Some(String::from("bob"));
+        let r = b.create(spec, 1000).unwrap();
+        let mut bob = claim("R", "bob", 1001);
+        bob.account_exists = true;
+        b.backend()
+            .accounts
+            .borrow_mut()
+            .insert(String::from("bob"));
+        b.reserve(r.token.expose(), &bob, HOST, 1001).unwrap();
+        assert_eq!(
+            b.release(r.token.expose(), "R", 1002).unwrap(),
+            Released::GivenBack
+        );
+        assert_eq!(b.load(&r.hash).unwrap().uses, 0);
+    }
+
+    #[test]
+    fn a_key_file_others_can_read_is_warned_about_once() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("invites-keymode-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("k");
+        std::fs::write(&path, format!("{}\n", "ab".repeat(32))).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let b = book().with_token_storage(TokenStorage::Sealed(path.clone()));
+        b.create(account(None), 1000).unwrap();
+        b.create(account(None), 1000).unwrap();
+        let warned = b
+            .backend()
+            .logs
+            .borrow()
+            .iter()
+            .filter(|(l, m)| *l == Level::Warn && m.contains("mode 0600"))
+            .count();
+        assert_eq!(warned, 1);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

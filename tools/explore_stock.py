@@ -1,7 +1,7 @@
 """Exploration script (not a test): observe Prosody's behaviour on points the
-product must get right. Results are recorded in NOTES.md.
+product must get right. Results are recorded in spec/integration/NOTES.md.
 
-    INVITES_IMPL=stock python3 spec/integration/explore_stock.py [internal|sql ...]
+    INVITES_IMPL=stock python3 tools/explore_stock.py [internal|sql ...]
 
 Works against INVITES_IMPL=ours too, to compare.
 """
@@ -12,7 +12,8 @@ import asyncio
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# The integration harness (harness.py, xmpp.py) lives with the tests.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "spec" / "integration"))
 
 import harness  # noqa: E402
 import xmpp  # noqa: E402
