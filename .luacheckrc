@@ -8,7 +8,7 @@ codes = true
 -- unpack`).
 std = "max"
 max_line_length = 150
-exclude_files = { "build/", "target/", "fuzz/target/" }
+exclude_files = { "build/**", "target/**", "fuzz/target/**" }
 
 read_globals = {
 	"prosody",

@@ -103,7 +103,7 @@ bench-core:
 lint:
 	cargo fmt --check
 	cargo clippy --features lua54 --all-targets -- -D warnings
-	luacheck -q .
+	luacheck -q lua spec bench
 
 clean:
 	rm -rf $(BUILD) fuzz/target fuzz/artifacts

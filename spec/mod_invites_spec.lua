@@ -220,6 +220,60 @@ describe("mod_invites", function ()
 		end);
 	end);
 
+	describe("guarded web routes", function ()
+		-- A route of mod_invites_page as mod_http would call it, in a thread of its own.
+		local function start(handler, ip, token)
+			local co = coroutine.create(handler);
+			local ok, result = coroutine.resume(co, { request = { ip = ip, url = { query = token } } });
+			assert(ok, result);
+			return co, result;
+		end
+		local function finish(co, result)
+			if coroutine.status(co) == "suspended" then
+				local ok;
+				ok, result = coroutine.resume(co);
+				assert(ok, result);
+			end
+			return type(result) == "table" and result.status_code or result;
+		end
+
+		it("should count a route's failed lookups per client, across yields, and refuse with 429", function ()
+			local env, m = load_invites({ invite_throttle_max = 2, invite_throttle_period = 60 });
+			local invite = assert(env.create_account());
+			local route = {
+				["GET"] = function (event)
+					coroutine.yield(); -- a handler waiting (util.async)
+					return env.get(event.request.url.query) and 200 or 404;
+				end;
+				["GET /static/*"] = "a file";
+			};
+			m:fire_event("item-added/http-provider", { item = { _provided_by = "invites_page", route = route } });
+			assert.equal("a file", route["GET /static/*"]); -- only functions are wrapped
+
+			-- A request from .1 waits while .2 guesses twice: .2's failures are .2's.
+			local waiting = start(route["GET"], "192.0.2.1", invite.token);
+			assert.equal(404, finish(start(route["GET"], "192.0.2.2", "guess-one")));
+			assert.equal(404, finish(start(route["GET"], "192.0.2.2", "guess-two")));
+			assert.equal(200, finish(waiting));
+			-- .2 is locked: a valid token is refused before any lookup; .1 is not.
+			local refused = finish(start(route["GET"], "192.0.2.2", invite.token));
+			assert.equal(429, refused);
+			assert.equal(200, finish(start(route["GET"], "192.0.2.1", invite.token)));
+			-- A page opened without a token is not a guess.
+			assert.equal(404, finish(start(route["GET"], "192.0.2.1", nil)));
+			assert.equal(404, finish(start(route["GET"], "192.0.2.1", nil)));
+			assert.equal(200, finish(start(route["GET"], "192.0.2.1", invite.token)));
+		end);
+
+		it("should leave the routes of other modules alone", function ()
+			local _, m = load_invites({ invite_throttle_max = 1 });
+			local handler = function () return 200; end;
+			local route = { ["GET"] = handler };
+			m:fire_event("item-added/http-provider", { item = { _provided_by = "http_admin_api", route = route } });
+			assert.equal(handler, route["GET"]);
+		end);
+	end);
+
 	describe("housekeeping timer", function ()
 		it("should prune in batches, one per turn of the event loop, and keep what is pending", function ()
 			local env, m = load_invites({ invite_prune_interval = 3600, invite_retention = 0 });

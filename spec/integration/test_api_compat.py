@@ -246,3 +246,16 @@ async def test_prosody13_password_reset_landing_page_type(make_server, request):
             assert out.startswith("xmpp:localhost?register;preauth="), (case, out)
         await xmpp.close_all()
         server.cleanup()
+
+
+async def test_prosody13_generate_reads_the_hosts_landing_page_options(make_server, request):
+    """prosodyctl runs mod_invites loaded globally: it must still read options set under the
+    VirtualHost (it read the global section only before)."""
+    if harness.prosody_major_version() < 13:
+        pytest.skip("Prosody 13: 0.12 leaves landing pages to mod_invites_page")
+    server = make_server(options={"invites_page": None}, host_options={"invites_page": PAGE_TEMPLATE})
+    request.node._prosody_server = server
+    rc, out, err = ctl(server, "generate", HOST)
+    assert rc == 0, (out, err)
+    out = out.splitlines()[-1]
+    assert re.fullmatch(re.escape(page_of("")) + r"[A-Za-z0-9_-]+", out), out

@@ -141,6 +141,9 @@ def assert_all_routes_locked(site, token, elapsed):
     assert_html_429(site.register_form(token, "alice", "alice password 1"), f"POST /register, {why}")
     assert_json_429(site.api_invite(token), f"GET /register_api/invite, {why}")
     assert_json_429(site.api_register(token, "alice", "alice password 1"), f"POST /register_api/register, {why}")
+    # HEAD falls back to the GET handler in Prosody's HTTP server: refused the same way.
+    r = site._req(f"/invites_page?{token}", "HEAD")
+    assert r.status == 429, (f"HEAD /invites_page, {why}", r.status, r.headers)
 
 
 def assert_routes_open(site, token, what):
