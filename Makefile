@@ -30,13 +30,25 @@ PROSODY13 := $(BUILD)/prosody13
 # Made last by .ci/prosody13; named after both versions, so changing one extracts again.
 PROSODY13_READY := $(PROSODY13)/ready-$(subst ~,_,$(PROSODY13_VERSION))-$(subst ~,_,$(PROSODY13_MODULES_VERSION))
 
+# Prosody 13.0.6 (trixie-backports) and the newest Prosody of Debian testing (forky), each with
+# its suite's prosody-modules, in Debian roots made by .ci/prosody-root (debootstrap; run
+# through chroot by DIR/bin/prosody and DIR/bin/prosodyctl). Not part of `make test` yet.
+PROSODY1306_VERSION := 13.0.6-1~bpo13+1
+PROSODY1306_MODULES_VERSION := 0.0~hg20260723.0971c99bfbc9+dfsg-1~bpo13+1
+PROSODY1306 := $(BUILD)/root-trixie
+PROSODY1306_READY := $(PROSODY1306)/ready-$(subst ~,_,$(PROSODY1306_VERSION))-$(subst ~,_,$(PROSODY1306_MODULES_VERSION))
+PROSODY_NEWEST_VERSION := 13.0.7-1
+PROSODY_NEWEST_MODULES_VERSION := 0.0~hg20260723.0971c99bfbc9+dfsg-1
+PROSODY_NEWEST := $(BUILD)/root-forky
+PROSODY_NEWEST_READY := $(PROSODY_NEWEST)/ready-$(subst ~,_,$(PROSODY_NEWEST_VERSION))-$(subst ~,_,$(PROSODY_NEWEST_MODULES_VERSION))
+
 # Python for the tests and tools (see .ci/python).
 PYTHON := sh .ci/python
 
 # Lua versions the boundary specs run on (each with its own build of the core).
 LUA_MATRIX := 5.1 5.2 5.3 5.4 jit
 
-.PHONY: all build install deps test test-rust test-busted test-lua-versions test-integration test-prosody13 bench bench-quick bench-core lint run clean load load-prosody13 fuzz fuzz-smoke
+.PHONY: all build install deps test test-rust test-busted test-lua-versions test-integration test-prosody13 test-prosody1306 test-prosody-newest bench bench-quick bench-core lint run clean load load-prosody13 fuzz fuzz-smoke
 
 all: build
 
@@ -86,6 +98,24 @@ $(PROSODY13_READY):
 
 test-prosody13: deps build $(PROSODY13_READY)
 	PROSODY_BIN=$(CURDIR)/$(PROSODY13)/bin/prosody PROSODYCTL_BIN=$(CURDIR)/$(PROSODY13)/bin/prosodyctl \
+		$(PYTHON) -m pytest -q spec/integration
+
+$(PROSODY1306_READY):
+	rm -f $(PROSODY1306)/ready-*
+	sh .ci/prosody-root $(PROSODY1306) trixie "$(PROSODY1306_VERSION)" "$(PROSODY1306_MODULES_VERSION)"
+	touch $@
+
+test-prosody1306: deps build $(PROSODY1306_READY)
+	PROSODY_BIN=$(CURDIR)/$(PROSODY1306)/bin/prosody PROSODYCTL_BIN=$(CURDIR)/$(PROSODY1306)/bin/prosodyctl \
+		$(PYTHON) -m pytest -q spec/integration
+
+$(PROSODY_NEWEST_READY):
+	rm -f $(PROSODY_NEWEST)/ready-*
+	sh .ci/prosody-root $(PROSODY_NEWEST) forky "$(PROSODY_NEWEST_VERSION)" "$(PROSODY_NEWEST_MODULES_VERSION)"
+	touch $@
+
+test-prosody-newest: deps build $(PROSODY_NEWEST_READY)
+	PROSODY_BIN=$(CURDIR)/$(PROSODY_NEWEST)/bin/prosody PROSODYCTL_BIN=$(CURDIR)/$(PROSODY_NEWEST)/bin/prosodyctl \
 		$(PYTHON) -m pytest -q spec/integration
 
 # Ours vs Prosody's own store in a real Prosody, N up to 100,000 (about 40 min; see bench/README.md).
