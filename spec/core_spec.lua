@@ -220,6 +220,14 @@ describe("prosody_invites core", function ()
 			assert.equal(created.token, listed.token);
 			assert.equal(created.uri, listed.uri);
 			assert.equal("https://example.com/i?"..created.token, listed.landing_page);
+			-- Without the link (the admin's list): nothing opened, nothing of the token.
+			local plain = assert(sealed:listed(key, now, false));
+			assert.equal(created.id, plain.id);
+			assert.is_nil(plain.token);
+			assert.is_nil(plain.uri);
+			assert.is_nil(plain.landing_page);
+			helpers.raises(function () sealed:listed(key, now, "no"); end,
+				"bad argument #3 to 'listed' (boolean or nil expected, got string)");
 			assert.equal("from a handler", listed.additional_data.note);
 			-- Without the key (hash-only book on the same store): the handle, no link.
 			local relisted = assert(book:listed(key, now));

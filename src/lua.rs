@@ -306,6 +306,19 @@ impl FromLua for Flag {
     }
 }
 
+/// Whether a listing wants the invite's link: a boolean, or nil for yes.
+struct WithLink(bool);
+
+impl FromLua for WithLink {
+    fn from_lua(value: Value, _: &Lua) -> mlua::Result<Self> {
+        match value {
+            Value::Nil => Ok(WithLink(true)),
+            Value::Boolean(b) => Ok(WithLink(b)),
+            other => Err(expected("boolean or nil", &other)),
+        }
+    }
+}
+
 /// A function, or nil.
 struct Callback(Option<Function>);
 
@@ -1062,16 +1075,27 @@ fn username_reserved(
     })
 }
 
-/// `book:listed(key, now)` → the stored invite for listings, or nil.
-fn listed(lua: &Lua, book: &LuaBook, (key, now): (Value, Value)) -> mlua::Result<MultiValue> {
+/// `book:listed(key, now, with_link)` → the stored invite for listings (with its token and
+/// link where it was sealed, unless `with_link` is false), or nil.
+fn listed(
+    lua: &Lua,
+    book: &LuaBook,
+    (key, now, with_link): (Value, Value, Value),
+) -> mlua::Result<MultiValue> {
     let Key(hash) = arg(lua, key, 1, "listed")?;
     let Integer(now) = arg(lua, now, 2, "listed")?;
+    // Opening a sealed token costs a decryption and puts the token in Lua's memory: only
+    // for a listing that shows links (the default).
+    let WithLink(with_link) = arg(lua, with_link, 3, "listed")?;
     guarded(lua, book, "listed", || {
         let Some(hash) = hash else {
             return success(lua, Value::Nil);
         };
         match book.0.listed(&hash, now) {
-            Ok(Some(record)) => success(lua, listed_table(lua, &book.0, &hash, &record, now)?),
+            Ok(Some(record)) if with_link => {
+                success(lua, listed_table(lua, &book.0, &hash, &record, now)?)
+            }
+            Ok(Some(record)) => success(lua, invite_table(lua, &hash, &record, now)?),
             Ok(None) => success(lua, Value::Nil),
             Err(e) => failure(lua, e),
         }

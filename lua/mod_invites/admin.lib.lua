@@ -68,7 +68,7 @@ local function list_lines(all)
 	local lines = { row:format("ID", "TYPE", "STATUS", "CREATED (UTC)", "EXPIRES (UTC)", "USES", "FOR") };
 	local ok, err = pcall(function ()
 		for key in ctx.each_key() do
-			local invite = book:listed(key, now);
+			local invite = book:listed(key, now, false); -- the list shows no link: none opened
 			if invite and (all or invite.usable) then
 				table.insert(lines, row:format(invite.id, invite.type, invite.status, when(invite.created_at),
 					when(invite.expires), uses_text(invite), describe_target(invite)));

@@ -7,6 +7,7 @@
 -- is keyed by their SHA-256, and logs name invites by a short id.
 
 local id = require "util.id";
+local json = require "util.json";
 local nodeprep = require "util.encodings".stringprep.nodeprep;
 local usermanager = require "core.usermanager";
 
@@ -307,16 +308,11 @@ function create_group(group_ids, additional_data, ttl)
 	});
 end
 
--- A listed invite's handle where its token cannot be had (hash storage, another key): the
--- SHA-256 of the token, which is also its storage key. Not a secret, and never a token:
--- only the admin functions below take it.
-local function is_handle(ref)
-	return type(ref) == "string" and #ref == 64 and ref:match("^[0-9a-f]+$") ~= nil;
-end
-
 -- Iterates pending (unexpired, unused, not revoked) invites that allow registration.
 -- Yields token, invite as Prosody does, with the token, uri and landing_page where the
--- token was sealed; otherwise `token` is the invite's handle and there is no link.
+-- token was sealed; otherwise `token` is the invite's handle (the SHA-256 of the token, its
+-- storage key: not a secret, and never a token; only the admin functions below take it)
+-- and there is no link.
 function pending_account_invites()
 	local now = os.time();
 	local invites = get_book();
@@ -337,7 +333,9 @@ end
 function get_account_invite_info(token)
 	local now = os.time();
 	local invite, err = get_book():get(token, nil, module.host, now);
-	if not invite and err == "token-invalid" and is_handle(token) then
+	-- Or by handle (see pending_account_invites): the core takes it as a key, and answers
+	-- nothing for a string that is not one.
+	if not invite and err == "token-invalid" then
 		local listed = get_book():listed(token, now);
 		if listed and listed.usable then
 			return listed;
@@ -354,8 +352,8 @@ local over = { ["token-invalid"] = true, ["token-used"] = true, ["token-revoked"
 function delete_account_invite(token)
 	local now = os.time();
 	local invite, err = get_book():revoke(token, now);
-	if not invite and err == "token-invalid" and is_handle(token) then
-		invite, err = get_book():revoke_key(token, now);
+	if not invite and err == "token-invalid" then
+		invite, err = get_book():revoke_key(token, now); -- a handle, or token-invalid again
 	end
 	if not invite then
 		if over[err] then
@@ -513,7 +511,6 @@ local throttled_page = [[<!DOCTYPE html>
 ]];
 
 local function throttled_response(style, retry_after)
-	local json = require "util.json";
 	return {
 		status_code = 429;
 		headers = {
