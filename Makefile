@@ -32,7 +32,8 @@ PROSODY13_READY := $(PROSODY13)/ready-$(subst ~,_,$(PROSODY13_VERSION))-$(subst 
 
 # Prosody 13.0.6 (trixie-backports) and the newest Prosody of Debian testing (forky), each with
 # its suite's prosody-modules, in Debian roots made by .ci/prosody-root (debootstrap; run
-# through chroot by DIR/bin/prosody and DIR/bin/prosodyctl). Not part of `make test` yet.
+# through chroot by DIR/bin/prosody and DIR/bin/prosodyctl). The plugin folder built here
+# loads in them as it is (their Lua 5.4 and newer glibc take a module built on Debian 12).
 PROSODY1306_VERSION := 13.0.6-1~bpo13+1
 PROSODY1306_MODULES_VERSION := 0.0~hg20260723.0971c99bfbc9+dfsg-1~bpo13+1
 PROSODY1306 := $(BUILD)/root-trixie
@@ -54,9 +55,10 @@ all: build
 
 build:
 	cargo build --release --target-dir $(TARGET_DIR) --features "$(LUA_FEATURE) module"
-	mkdir -p $(PLUGINS)/mod_invites $(PLUGINS)/mod_invites_register
+	mkdir -p $(PLUGINS)/mod_invites $(PLUGINS)/mod_invites_register $(PLUGINS)/mod_invites_adhoc
 	cp lua/mod_invites/mod_invites.lua lua/mod_invites/*.lib.lua $(PLUGINS)/mod_invites/
 	cp lua/mod_invites_register/mod_invites_register.lua $(PLUGINS)/mod_invites_register/
+	cp lua/mod_invites_adhoc/mod_invites_adhoc.lua $(PLUGINS)/mod_invites_adhoc/
 	# install writes a new file: overwriting a loaded shared library in place crashes the
 	# Prosody that has it mapped (a live server during an upgrade, a test server here).
 	install -m 0755 $(CORE) $(PLUGINS)/mod_invites/prosody_invites.so
@@ -72,7 +74,10 @@ deps:
 run: deps build
 	$(PYTHON) tools/devserver.py
 
-test: deps build test-rust test-busted test-lua-versions test-integration test-prosody13
+# The integration suite in full on every Prosody version we support: 0.12.3 (the host's,
+# Debian 12), 13.0.1 (trixie, bookworm-backports), 13.0.6 (trixie-backports) and the newest
+# (Debian testing).
+test: deps build test-rust test-busted test-lua-versions test-integration test-prosody13 test-prosody1306 test-prosody-newest
 
 test-rust:
 	cargo test --features lua54

@@ -12,8 +12,8 @@
 --
 -- Returns function (ctx) → front ends, where ctx gives what lives in mod_invites.lua:
 -- book() (the host's invite book), each_key() (the stored keys), parse_duration, prune,
--- roles_for_invite, has_shell_items, use_host(host) (point this instance at a host:
--- prosodyctl).
+-- roles_for_invite, has_shell_items, user_exists(username) (an account of the host),
+-- use_host(host) (point this instance at a host: prosodyctl).
 
 local jid_split = require "util.jid".split;
 local nodeprep = require "util.encodings".stringprep.nodeprep;
@@ -232,6 +232,10 @@ local commands = {
 			if not username then return nil, "Supply the JID of the account to reset", "usage"; end
 			local options, err = check_generate_options({ reset = username, expires_after = flags_of(opts).expires_after });
 			if not options then return nil, err, "usage"; end
+			-- As Prosody 13.0.6 and later: a reset link for no account helps nobody.
+			if not ctx.user_exists(options.reset) then
+				return nil, "The specified user account does not exist: "..options.reset;
+			end
 			return create(options);
 		end };
 	{ name = "create_contact", args = jid_arg,

@@ -112,6 +112,10 @@ read_options();
 local book;
 local invite_store;
 
+local function account_exists(username)
+	return usermanager.user_exists(username, module.host);
+end
+
 local function log_from_core(level, message)
 	module:log(level, "%s", message);
 end
@@ -126,9 +130,7 @@ local function open_book()
 		names = module:open_store("invites_by_username");
 		log = log_from_core;
 		-- Settles registrations a crash cut short (see src/state.rs, settle_lapsed).
-		account_exists = function (username)
-			return usermanager.user_exists(username, module.host);
-		end;
+		account_exists = account_exists;
 	}));
 end
 
@@ -426,11 +428,10 @@ function valid_invite_methods:reserve(username, host)
 	end
 	local holder = holders[self] or id.short();
 	local now = os.time();
-	local account_exists = usermanager.user_exists(username, module.host);
 	local reserved, err = get_book():reserve(self.token, {
 		holder = holder;
 		username = username;
-		account_exists = account_exists;
+		account_exists = account_exists(username);
 		validated_at = validated_at[self] or now;
 		lease_until = now + reservation_lease;
 	}, host, now);
@@ -706,6 +707,7 @@ local admin = module:require("admin")({
 	prune = prune;
 	roles_for_invite = roles_for_invite;
 	has_shell_items = has_shell_items;
+	user_exists = account_exists;
 	use_host = use_host;
 });
 admin.offer_shell_commands();

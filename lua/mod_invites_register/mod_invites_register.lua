@@ -240,7 +240,9 @@ module:hook("user-registering", function (event)
 		module:log(level, "Registration of %s with invite %s refused: %s", username, validated_invite.id, err);
 		count_rejection(err);
 		local text;
-		if err == "username-mismatch" and validated_invite.bound_username then
+		if err == "username-mismatch" and validated_invite.reset then
+			text = ("This invitation only resets the password of '%s'"):format(validated_invite.reset);
+		elseif err == "username-mismatch" and validated_invite.bound_username then
 			text = ("This invitation is for the username '%s' only"):format(validated_invite.bound_username);
 		end
 		refuse_registration(event, err, text);

@@ -51,6 +51,14 @@ def pytest_report_header(config):
     return header
 
 
+def pytest_terminal_summary(terminalreporter):
+    """Which versions ran: a pinned one Debian no longer has is replaced by its newest (see
+    .ci/prosody13, .ci/prosody-root), and the log says which was tested."""
+    terminalreporter.write_line(
+        f"Tested on Prosody {harness.prosody_version()}"
+        f" with prosody-modules {harness.prosody_modules_version() or '(none)'}")
+
+
 def pytest_sessionfinish(session, exitstatus):
     """The PostgreSQL of storage=pgsql lives for the whole run (one per pytest process); stop it here."""
     harness.stop_shared_pgsql()

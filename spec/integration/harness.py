@@ -642,17 +642,54 @@ def _copy_escape(needle: bytes) -> bytes:
             .replace(b"\t", b"\\t"))
 
 
-_PROSODY_MAJOR = None
+_PROSODY_VERSION = None
+
+
+def prosody_version() -> str:
+    """Version of the Prosody under test, as `prosodyctl about` gives it ("13.0.6"), asked once."""
+    global _PROSODY_VERSION
+    if _PROSODY_VERSION is None:
+        out = subprocess.run([PROSODYCTL, "about"], capture_output=True, text=True, timeout=60).stdout
+        m = re.search(r"^Prosody (\S+)", out, re.M)
+        _PROSODY_VERSION = m.group(1) if m else "unknown"
+    return _PROSODY_VERSION
 
 
 def prosody_major_version() -> int:
-    """Major version of the Prosody under test (0 for 0.12, 13 for 13.x), asked once."""
-    global _PROSODY_MAJOR
-    if _PROSODY_MAJOR is None:
-        out = subprocess.run([PROSODYCTL, "about"], capture_output=True, text=True, timeout=60).stdout
-        m = re.search(r"^Prosody (\d+)\.", out, re.M)
-        _PROSODY_MAJOR = int(m.group(1)) if m else 0
-    return _PROSODY_MAJOR
+    """Major version of the Prosody under test (0 for 0.12, 13 for 13.x)."""
+    m = re.match(r"(\d+)\.", prosody_version())
+    return int(m.group(1)) if m else 0
+
+
+def _debian_version(status: Path, package: str) -> str | None:
+    if not status.exists():
+        return None
+    for stanza in status.read_text(errors="replace").split("\n\n"):
+        if re.search(rf"^Package: {re.escape(package)}$", stanza, re.M):
+            m = re.search(r"^Version: (\S+)$", stanza, re.M)
+            return m.group(1) if m else None
+    return None
+
+
+def prosody_modules_version() -> str:
+    """Debian version of the prosody-modules beside the Prosody under test: the host's
+    package, the one in a Debian root made by .ci/prosody-root, or the .deb that
+    .ci/prosody13 extracted ("" when none is found)."""
+    launcher = Path(shutil.which(PROSODY) or PROSODY).resolve()
+    prefix = launcher.parent.parent  # DIR of DIR/bin/prosody
+    found = _debian_version(prefix / "root" / "var/lib/dpkg/status", "prosody-modules")
+    if found is None:
+        debs = sorted((prefix / "deb").glob("prosody-modules_*.deb"))
+        found = debs[0].name.split("_")[1] if debs else None
+    if found is None:
+        found = _debian_version(Path("/var/lib/dpkg/status"), "prosody-modules")
+    return found or ""
+
+
+def prosody_modules_snapshot() -> int:
+    """The date of that prosody-modules snapshot (20260723 for 0.0~hg20260723.…), or 0."""
+    m = re.search(r"hg(\d{8})", prosody_modules_version())
+    return int(m.group(1)) if m else 0
 
 
 class ProsodyServer:
@@ -798,7 +835,10 @@ class ProsodyServer:
         a("run_as_root = true")
         a(f"pidfile = {lua_str(self.pid_path)}")
         a(f"data_path = {lua_str(self.data_dir)}")
-        a(f"certificates = {lua_str(self.certs_dir)}")  # empty dir: avoids a certmanager error line
+        # Defaults below that a test's options replace are left out (Prosody warns of
+        # duplicate options).
+        if "certificates" not in self.options:
+            a(f"certificates = {lua_str(self.certs_dir)}")  # empty dir: avoids a certmanager error line
         if self.plugin_paths:
             a(f"plugin_paths = {lua_value(self.plugin_paths)}")
         a("log = {")
@@ -819,8 +859,9 @@ class ProsodyServer:
         a("https_ports = { }")
         a("admin_ports = { }")  # mod_admin_telnet is not loaded anyway
         a('modules_disabled = { "s2s"; "s2s_auth_certs" }')
-        a("c2s_require_encryption = false")
-        a("allow_unencrypted_plain_auth = true")
+        for k, v in (("c2s_require_encryption", "false"), ("allow_unencrypted_plain_auth", "true")):
+            if k not in self.options:
+                a(f"{k} = {v}")
         a('authentication = "internal_hashed"')
         a(f"admins = {lua_value(self.admins)}")
         if "storage" not in self.options:  # a test may wrap the driver (mod_storage_faulty)

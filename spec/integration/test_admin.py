@@ -293,6 +293,7 @@ async def test_admin_console_refuses_bad_input_with_one_line(server):
     command the server runs is a show: nothing else has opened the store before it."""
     if harness.prosody_major_version() >= 13:
         pytest.skip("Prosody 0.12's console; 13's shell items are tested below")
+    server.register_user("alice", "alice-secret")
     ctl(server, "generate", "localhost")
     invite_id = ctl(server, "list", "localhost")[1].splitlines()[1].split()[0]
 
@@ -310,6 +311,7 @@ async def test_admin_console_refuses_bad_input_with_one_line(server):
         ("invite:create_account('localhost', {uses = 0})", "Error: --uses must be a whole number of at least 1"),
         ("invite:create_account('bob@localhost', {uses = 2})",
          "Error: --uses needs an invite for any username: give the host, not a JID"),
+        ("invite:create_reset('ghost@localhost')", "Error: The specified user account does not exist: ghost"),
     ]:
         assert shell(command) == (1, line), command
     # 0.12's console has what 13's shell has: flags as a table, create_reset.
@@ -342,11 +344,27 @@ async def test_prosody13_shell_refuses_bad_input_with_one_line(server):
         (("create_account", "bob@localhost", "--uses", "2"),
          "--uses needs an invite for any username: give the host, not a JID"),
         (("revoke", "localhost", "0000"), "No such invite"),
+        (("create_reset", "ghost@localhost"), "The specified user account does not exist: ghost"),
     ]:
         rc, out = shell(*args)
         assert rc != 0 and out.splitlines()[-1].endswith(line), (args, rc, out)
     rc, out = shell("list", "nosuch.example")
     assert rc != 0 and "nosuch.example" in out, out
+
+
+@pytest.mark.server_options(extra_modules=["admin_shell"])
+async def test_admin_flag_of_create_account_makes_an_admin(server):
+    """Prosody 13.0.6's shell takes `invite create_account HOST --admin` as a flag; 13.0.1's
+    took no such flag and 0.12's console a table: all three make an admin here."""
+    if harness.prosody_major_version() >= 13:
+        rc, out, err = server.prosodyctl("shell", "invite", "create_account", "localhost", "--admin")
+    else:
+        rc, out, err = server.prosodyctl("shell", "invite:create_account('localhost', {admin = true})")
+    assert rc == 0, (out, err)
+    token = token_of(re.search(r"xmpp:\S+", out).group(0))
+    assert (await xmpp.register_with_invite(server.port, token, "boss", "boss-pw")).ok
+    client = await xmpp.login(server.port, "boss@localhost", "boss-pw", presence=False)
+    assert (await xmpp.call_hook(client, "is_admin", "boss@localhost")).value is True
 
 
 @pytest.mark.server_options(extra_modules=["admin_shell"])
@@ -360,6 +378,7 @@ async def test_prosody13_shell_commands(server):
         assert rc == 0, (out, err)
         return out
 
+    server.register_user("alice", "alice-secret")
     created = shell("create_account", "localhost", "--uses", "2", "--expires-after", "1d")
     token = token_of(re.search(r"xmpp:\S+", created).group(0))
     listing = shell("list", "localhost")

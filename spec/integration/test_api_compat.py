@@ -216,6 +216,7 @@ async def test_prosody13_password_reset_landing_page_type(make_server, request):
         request.node._prosody_server = server  # its log goes into the failure report
         case = f"invites_page_supports = {supports or 'default'}"
         server.register_user("admin", "admin-secret")
+        server.register_user("alice", "alice-secret")
         c = await xmpp.login(server.port, "admin@localhost", "admin-secret")
 
         reset = await xmpp.call_hook(c, "create_account_reset", "alice")

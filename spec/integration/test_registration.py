@@ -153,6 +153,27 @@ async def test_2_generate_reset_from_prosodyctl(server, make_user):
     await xmpp.login(server.port, "alice@localhost", "newer-pw")
 
 
+async def test_2_reset_invite_for_alice_resets_or_creates_no_other_account(server, admin, make_user):
+    """Prosody 13.0.6 refuses another username with a reset invite ("Incorrect username for
+    password reset"); 13.0.1 and 0.12 did not. Here every version refuses, and the invite
+    still resets alice's password afterwards."""
+    make_user("alice", "old-pw")
+    make_user("bob", "bob-pw")
+    c = await admin_client(server, admin)
+    token = token_of(server.generate_invite("--reset", "alice"))
+    async with xmpp.UnauthedSession(server.port) as s:
+        assert (await s.preauth(token)).ok
+        for other in ("bob", "mallory"):
+            wrong = await s.register(other, "stolen-pw")
+            assert (wrong.error_type, wrong.condition, wrong.text) == (
+                "modify", "not-acceptable", "This invitation only resets the password of 'alice'"), (other, wrong)
+    assert not await account_exists(c, "mallory")
+    await xmpp.login(server.port, "bob@localhost", "bob-pw", presence=False)
+    assert await xmpp.login_fails(server.port, "bob@localhost", "stolen-pw")
+    assert (await xmpp.register_with_invite(server.port, token, "alice", "newer-pw")).ok
+    await xmpp.login(server.port, "alice@localhost", "newer-pw", presence=False)
+
+
 # 3. Revocation takes effect at once ---------------------------------------------------
 
 
@@ -389,6 +410,11 @@ async def test_generate_bad_input_is_one_clear_line(server):
     rc, out, err = server.prosodyctl("mod_invites", "generate", "localhost", "--bogus")
     assert rc != 0
     assert "unexpected argument: --bogus" in out
+    # A reset link for an account that does not exist: refused, nothing stored (Prosody 13.0.6).
+    rc, out, err = server.prosodyctl("mod_invites", "generate", "localhost", "--reset", "ghost")
+    assert (rc, out.strip().splitlines()[-1]) == (1, "The specified user account does not exist: ghost"), (out, err)
+    rc, out, err = server.prosodyctl("mod_invites", "list", "localhost", "--all")
+    assert (rc, out.strip().splitlines()[1:]) == (0, []), out
 
 
 async def test_roles_from_a_list_primary_and_secondary(server, admin):

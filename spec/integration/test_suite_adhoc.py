@@ -1,4 +1,9 @@
-"""mod_invites_adhoc (Debian's prosody package) on our store: XEP-0050 commands over c2s."""
+"""mod_invites_adhoc on our store: XEP-0050 commands over c2s.
+
+What Prosody's own mod_invites_adhoc (Debian's prosody package) and ours
+(lua/mod_invites_adhoc, found first in build/plugins) must both do: these pass with either.
+What only ours does is in test_adhoc_0401.py.
+"""
 
 import xml.etree.ElementTree as ET
 

@@ -210,6 +210,14 @@ def create_via_api(site, kind, body=None) -> dict:
 # ------------------------------------------------------------------ admin API
 
 
+def expected_landing_page(site, kind, token):
+    """mod_invites_page gives every invite a page, but reset invites from prosody-modules
+    hg20260723 on ("password reset invites are not currently supported")."""
+    if kind == "reset" and harness.prosody_modules_snapshot() >= 20260723:
+        return None
+    return site.landing_page(token)
+
+
 async def test_admin_api_lists_gets_and_deletes_invites_by_their_token(make_server, request):
     site = await start_site(make_server, request, landing_page=True)
     site.srv.register_user("dave", "dave-secret")
@@ -233,7 +241,7 @@ async def test_admin_api_lists_gets_and_deletes_invites_by_their_token(make_serv
         name, inv = created[token]
         assert entry["uri"] == inv["uri"], (name, entry)
         assert token_of(entry["uri"]) == token and xmpp.parse_uri(entry["uri"]).jid == entry["jid"], (name, entry)
-        assert entry.get("landing_page") == site.landing_page(token), (name, entry)
+        assert entry.get("landing_page") == expected_landing_page(site, name, token), (name, entry)
         for k in ("type", "jid", "created_at", "expires", "reusable"):
             assert entry[k] == inv[k], (name, k, entry, inv)
     assert invites[token_of(group["uri"])]["groups"] == ["default"]
