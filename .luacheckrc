@@ -120,6 +120,8 @@ local invites_api = {
 	"get_account_invite_info",
 	"delete_account_invite",
 	"is_username_reserved",
+	"invited_by",
+	"invitees",
 	"guess_throttle",
 	"prune",
 };

@@ -42,7 +42,7 @@ describe("prosodyctl mod_invites", function ()
 		local cases = {
 			{ { "generate", "nosuch.example" }, 1, "Host 'nosuch.example' is not configured" };
 			{ { "list" }, 2, "Please give a host: prosodyctl mod_invites list HOST" };
-			{ { "frobnicate", "example.com" }, 2, "Unknown command 'frobnicate' (commands: generate, list, show, revoke, delete, prune; see 'prosodyctl mod_invites help')" };
+			{ { "frobnicate", "example.com" }, 2, "Unknown command 'frobnicate' (commands: generate, list, show, edit, revoke, delete, tree, prune; see 'prosodyctl mod_invites help')" };
 			{ { "prune", "example.com", "--dry-run" }, 2, "unexpected argument: --dry-run" };
 			{ { "show", "example.com", "abcd", "extra" }, 2, "unexpected argument: extra" };
 			{ { "revoke", "example.com", "abcd", "--force" }, 2, "unexpected argument: --force" };

@@ -151,6 +151,10 @@ function helpers.fake_module(name, host, options)
 		table.insert(self.hooks[event_name], { handler = handler, priority = priority or 0 });
 		table.sort(self.hooks[event_name], function (a, b) return a.priority > b.priority; end);
 	end
+	-- Global events (prosody.events) land in the same table, under "global/" and the name.
+	function m:hook_global(event_name, handler, priority)
+		return self:hook("global/"..event_name, handler, priority);
+	end
 	function m:wrap_event(event_name, wrapper) self.wrapped[event_name] = wrapper; end
 	function m.shared() return {}; end
 	function m:depends(dep)

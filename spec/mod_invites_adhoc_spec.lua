@@ -189,8 +189,8 @@ describe("mod_invites_adhoc", function ()
 					assert.same({ message = text }, answer.error);
 				end
 				local answer = run(m, "urn:xmpp:invite#create-account", "admin@example.com/r", { ["roster-subscription"] = "true" });
-				assert.truthy(answer.error);
-				assert.equal(1, #calls);
+				assert.truthy(answer.result);
+				assert.same({ "create_account", nil, { source = "admin@example.com/r", roster_subscription = true } }, calls[2]);
 			end);
 
 			it("should ask for the username first only with invites_adhoc_account_form", function ()

@@ -10,6 +10,11 @@
 //! is told which host it acts for, and refuses with `wrong-host` unless that is the book's
 //! host and the invite's: Prosody routes an unauthenticated stream's stanzas to whichever
 //! host they name, so a hook of one host can be handed an invite checked by another.
+//!
+//! The book also keeps the invite tree: when a use creates an account, the account's entry
+//! says which invite and whose it was, and the creator's entry lists it among those it
+//! invited. Those writes follow the invite's and are best effort (the use is spent either
+//! way); a failure is logged. Quotas (`charge`) are one read-check-write of the entry.
 
 use std::cell::{Cell, OnceCell};
 use std::path::PathBuf;
@@ -17,11 +22,13 @@ use std::path::PathBuf;
 use serde_json::Value;
 
 use crate::error::{InviteError, StoreError};
+use crate::quota::{self, Refusal, Rule};
 use crate::record::{
-    InviteKind, InviteRecord, LandingPage, NameIndex, StoredState, RECORD_VERSION,
+    entry_key, AccountEntry, InviteKind, InviteRecord, LandingPage, NameIndex, StoredState,
+    RECORD_VERSION,
 };
 use crate::seal::{load_or_create_key, Sealer};
-use crate::state::{Claim, Status};
+use crate::state::{Claim, Edit, Status};
 use crate::store::{Backend, Level, Space};
 use crate::token::{Token, TokenHash};
 use crate::uri::invite_uri;
@@ -42,6 +49,17 @@ pub struct NewInvite {
     pub reset: Option<String>,
     /// Roster invites: the local user whose contact the invitee becomes.
     pub inviter: Option<String>,
+}
+
+/// Who made a new invite, where, and why (each optional).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Provenance {
+    /// The local account (username) on whose behalf it is made.
+    pub creator: Option<String>,
+    /// Where it is made: `prosodyctl`, `shell`, an admin's JID (at most `MAX_SOURCE_LEN`).
+    pub source: Option<String>,
+    /// An administrator's note (at most `MAX_NOTE_LEN`).
+    pub note: Option<String>,
 }
 
 /// Whether the key file's mode lets its group or others read it.
@@ -341,7 +359,17 @@ impl<B: Backend> Book<B> {
 
     /// Creates and stores an invite (`prepare`, then `store_created`).
     pub fn create(&self, spec: NewInvite, now: i64) -> Result<Created, InviteError> {
-        let mut created = self.prepare(spec, now);
+        self.create_with(spec, Provenance::default(), now)
+    }
+
+    /// `create`, saying who made the invite and where.
+    pub fn create_with(
+        &self,
+        spec: NewInvite,
+        provenance: Provenance,
+        now: i64,
+    ) -> Result<Created, InviteError> {
+        let mut created = self.prepare_with(spec, provenance, now);
         self.store_created(&mut created)?;
         Ok(created)
     }
@@ -350,6 +378,11 @@ impl<B: Backend> Book<B> {
     /// change its `additional_data` and `landing_page` (set them on `record`, the landing
     /// page with `LandingPage::without_token`).
     pub fn prepare(&self, spec: NewInvite, now: i64) -> Created {
+        self.prepare_with(spec, Provenance::default(), now)
+    }
+
+    /// `prepare`, saying who makes the invite and where.
+    pub fn prepare_with(&self, spec: NewInvite, provenance: Provenance, now: i64) -> Created {
         let token = Token::generate();
         let hash = token.hash();
         let record = InviteRecord {
@@ -372,6 +405,10 @@ impl<B: Backend> Book<B> {
             inviter: spec.inviter,
             sealed_token: None,
             landing_page: None,
+            creator: provenance.creator,
+            source: provenance.source,
+            note: provenance.note,
+            redemptions: Vec::new(),
         };
         Created {
             token,
@@ -427,10 +464,12 @@ impl<B: Backend> Book<B> {
         now: i64,
     ) -> Result<(Token, Found), InviteError> {
         let (token, mut found) = self.find_for(token, host)?;
+        let uses_before = found.record.uses;
         if self.settle(&mut found.record, now, None)? {
             // Written so listings show it too; if that fails (logged), checking goes on
             // from the settled copy: a read must not fail for want of a write.
             let _ = self.save(&found.hash, &found.record);
+            self.enter_redeemed(&found.hash, &found.record, uses_before);
         }
         let r = &found.record;
         match contact_of {
@@ -459,6 +498,7 @@ impl<B: Backend> Book<B> {
         now: i64,
     ) -> Result<Found, InviteError> {
         let (_, Found { hash, mut record }) = self.find_for(token, host)?;
+        let uses_before = record.uses;
         self.settle(&mut record, now, None)?;
         record.reserve(claim, now)?;
         if record.username.as_deref() != Some(claim.username) && record.reset.is_none() {
@@ -468,6 +508,7 @@ impl<B: Backend> Book<B> {
             }
         }
         self.save(&hash, &record)?;
+        self.enter_redeemed(&hash, &record, uses_before);
         Ok(Found { hash, record })
     }
 
@@ -480,9 +521,23 @@ impl<B: Backend> Book<B> {
         host: &str,
         now: i64,
     ) -> Result<Found, InviteError> {
+        self.confirm_account(token, holder, None, host, now)
+    }
+
+    /// `confirm`, naming the account registered (or reset) for when the reservation no
+    /// longer does (see `InviteRecord::confirm_for`). The account enters the invite tree.
+    pub fn confirm_account(
+        &self,
+        token: &str,
+        holder: &str,
+        account: Option<&str>,
+        host: &str,
+        now: i64,
+    ) -> Result<Found, InviteError> {
         let (_, Found { hash, mut record }) = self.find_for(token, host)?;
+        let uses_before = record.uses;
         self.settle(&mut record, now, Some(holder))?;
-        let outcome = record.confirm(holder, now);
+        let outcome = record.confirm_for(holder, account, now);
         if outcome.is_err() {
             self.backend.log(
                 Level::Warn,
@@ -495,6 +550,7 @@ impl<B: Backend> Book<B> {
         outcome?;
         self.save(&hash, &record)?;
         self.after_change(&hash, &record);
+        self.enter_redeemed(&hash, &record, uses_before);
         Ok(Found { hash, record })
     }
 
@@ -514,9 +570,11 @@ impl<B: Backend> Book<B> {
             None => false,
         };
         if account_created {
+            let uses_before = record.uses;
             record.confirm(holder, now)?;
             self.save(&hash, &record)?;
             self.after_change(&hash, &record);
+            self.enter_redeemed(&hash, &record, uses_before);
             return Ok(Released::Spent);
         }
         record.release(holder);
@@ -532,10 +590,28 @@ impl<B: Backend> Book<B> {
         host: &str,
         now: i64,
     ) -> Result<Found, InviteError> {
+        self.redeem_account(token, contact_of, None, host, now)
+    }
+
+    /// `redeem`, naming the account the use is for. Unless it is a subscription to
+    /// `contact_of` or a password reset, that account was created with the invite, and
+    /// enters the invite tree.
+    pub fn redeem_account(
+        &self,
+        token: &str,
+        contact_of: Option<&str>,
+        account: Option<&str>,
+        host: &str,
+        now: i64,
+    ) -> Result<Found, InviteError> {
         let (_, Found { hash, mut record }) = self.validate(token, contact_of, host, now)?;
-        record.redeem(now)?;
+        let uses_before = record.uses;
+        record.redeem_by(account, now)?;
         self.save(&hash, &record)?;
         self.after_change(&hash, &record);
+        if contact_of.is_none() {
+            self.enter_redeemed(&hash, &record, uses_before);
+        }
         Ok(Found { hash, record })
     }
 
@@ -561,6 +637,7 @@ impl<B: Backend> Book<B> {
 
     fn revoke_found(&self, found: Found, now: i64) -> Result<Found, InviteError> {
         let Found { hash, mut record } = found;
+        let uses_before = record.uses;
         self.settle(&mut record, now, None)?;
         match record.status(now) {
             Status::Pending | Status::Reserved => {}
@@ -571,7 +648,143 @@ impl<B: Backend> Book<B> {
         record.revoke(now);
         self.save(&hash, &record)?;
         self.after_change(&hash, &record);
+        self.enter_redeemed(&hash, &record, uses_before);
         Ok(Found { hash, record })
+    }
+
+    /// Applies an administrator's changes to the invite of `hash` (see
+    /// `InviteRecord::edit`), in one read-check-write: an invite nobody stored is
+    /// `no-such-invite`. A bound username stays held until the new expiry.
+    pub fn edit(&self, hash: &TokenHash, edit: &Edit, now: i64) -> Result<Found, InviteError> {
+        let mut record = match self.load(hash) {
+            Err(InviteError::TokenInvalid) => return Err(InviteError::NoSuchInvite),
+            loaded => loaded?,
+        };
+        let uses_before = record.uses;
+        self.settle(&mut record, now, None)?;
+        let expires_before = record.expires;
+        record.edit(edit, now)?;
+        if record.expires != expires_before {
+            if let Some(name) = reserved_name(&record) {
+                // Before the record: a later expiry in the index than in the record holds
+                // nothing (`username_reserved` reads the record), an earlier one could.
+                self.index_name(name, hash, record.expires)?;
+            }
+        }
+        self.save(hash, &record)?;
+        self.after_change(hash, &record);
+        self.enter_redeemed(hash, &record, uses_before);
+        self.backend
+            .log(Level::Debug, &format!("edited invite {}", hash.short_id()));
+        Ok(Found {
+            hash: *hash,
+            record,
+        })
+    }
+
+    /// Revokes every invite still to be had that is `username`'s (made by them, or a
+    /// contact invite to them). Returns how many it revoked. Goes on past a failure, and
+    /// reports the first.
+    pub fn revoke_by(&self, username: &str, now: i64) -> Result<usize, InviteError> {
+        let mut hashes = Vec::new();
+        self.backend
+            .each_key(Space::Invites, &mut |key| {
+                // Owners that are no key are no invites.
+                hashes.extend(TokenHash::from_key(key));
+                true
+            })
+            .map_err(|e| self.storage_failed("list for revoking", "invites", &e))?;
+        let mut revoked = 0;
+        let mut failure = None;
+        for hash in hashes {
+            let record = match self.load(&hash) {
+                Ok(record) => record,
+                // Corrupt: logged, and revokes nothing.
+                Err(InviteError::TokenInvalid) => continue,
+                Err(e) => {
+                    failure.get_or_insert(e);
+                    continue;
+                }
+            };
+            if !record.is_from(username) {
+                continue;
+            }
+            match self.revoke_found(Found { hash, record }, now) {
+                Ok(_) => revoked += 1,
+                Err(
+                    InviteError::TokenUsed | InviteError::TokenRevoked | InviteError::TokenExpired,
+                ) => {}
+                Err(e) => {
+                    failure.get_or_insert(e);
+                }
+            }
+        }
+        match failure {
+            Some(e) => Err(e),
+            None => Ok(revoked),
+        }
+    }
+
+    /// The invite tree's entry of `username`, if it has one.
+    pub fn account(&self, username: &str) -> Result<Option<AccountEntry>, InviteError> {
+        self.read_entry(username)
+    }
+
+    /// `username` registered without an invite: its entry says when, and that nobody
+    /// invited it. An account the tree knows as registered (and not deleted) is left as it is.
+    pub fn account_registered(&self, username: &str, now: i64) -> Result<(), InviteError> {
+        let mut entry = self.read_entry(username)?.unwrap_or_else(AccountEntry::new);
+        if entry.registered.is_some() && entry.deleted.is_none() {
+            return Ok(());
+        }
+        entry.by = None;
+        entry.source = None;
+        entry.invite = None;
+        entry.registered = Some(now);
+        entry.deleted = None;
+        self.write_entry(username, &entry)
+    }
+
+    /// `username` was deleted: its invites still to be had are revoked (see `revoke_by`),
+    /// and its entry (made if there was none) says when, so the tree still shows it.
+    /// Returns how many invites it revoked.
+    pub fn account_deleted(&self, username: &str, now: i64) -> Result<usize, InviteError> {
+        let revoked = self.revoke_by(username, now);
+        let marked = || -> Result<(), InviteError> {
+            let mut entry = self.read_entry(username)?.unwrap_or_else(AccountEntry::new);
+            entry.deleted = Some(now);
+            self.write_entry(username, &entry)
+        };
+        let marked = marked();
+        let revoked = revoked?;
+        marked?;
+        Ok(revoked)
+    }
+
+    /// May `username` make an invite now, under `rule`? If so, the invite is counted
+    /// against its quota (see `quota.rs`); if not, why and from when it may.
+    pub fn charge(&self, username: &str, rule: &Rule, now: i64) -> Result<(), Refusal> {
+        let failed = |error| Refusal {
+            error,
+            retry_at: None,
+        };
+        let mut entry = self
+            .read_entry(username)
+            .map_err(failed)?
+            .unwrap_or_else(AccountEntry::new);
+        quota::charge(&mut entry, rule, now)?;
+        self.write_entry(username, &entry).map_err(failed)
+    }
+
+    /// Gives back the charge `charge` made at `at` for an invite that was never made.
+    pub fn refund(&self, username: &str, at: i64) -> Result<(), InviteError> {
+        let Some(mut entry) = self.read_entry(username)? else {
+            return Ok(());
+        };
+        if quota::refund(&mut entry, at) {
+            self.write_entry(username, &entry)?;
+        }
+        Ok(())
     }
 
     /// The invite an admin means by `reference`: a token, a handle (the full key), or a
@@ -629,6 +842,7 @@ impl<B: Backend> Book<B> {
             Err(InviteError::TokenInvalid) => return Ok(false),
             Err(e) => return Err(e),
         };
+        let uses_before = record.uses;
         self.settle(&mut record, now, None)?;
         let over_since = match record.status(now) {
             Status::Pending | Status::Reserved => return Ok(false),
@@ -644,6 +858,7 @@ impl<B: Backend> Book<B> {
         let mut gone = record;
         gone.state = StoredState::Revoked;
         self.after_change(hash, &gone);
+        self.enter_redeemed(hash, &gone, uses_before);
         Ok(true)
     }
 
@@ -736,6 +951,10 @@ impl<B: Backend> Book<B> {
                 .landing_page
                 .as_deref()
                 .map(|url| LandingPage::without_token(url, &token)),
+            creator: None,
+            source: None,
+            note: None,
+            redemptions: Vec::new(),
         };
         self.save(&hash, &record)?;
         if let Some(name) = reserved_name(&record) {
@@ -750,6 +969,95 @@ impl<B: Backend> Book<B> {
             ),
         );
         Ok(true)
+    }
+
+    /// The entry of `username` in the invite tree. A corrupt one is logged and read as none
+    /// (the next write replaces it).
+    fn read_entry(&self, username: &str) -> Result<Option<AccountEntry>, InviteError> {
+        let text = match self.backend.get(Space::Accounts, &entry_key(username)) {
+            Ok(Some(text)) => text,
+            Ok(None) => return Ok(None),
+            Err(StoreError::Malformed(what)) => {
+                self.backend.log(
+                    Level::Warn,
+                    &format!("ignoring corrupt account entry of {username}: {what}"),
+                );
+                return Ok(None);
+            }
+            Err(e) => return Err(self.entry_failed("read", username, &e)),
+        };
+        match AccountEntry::decode(&text) {
+            Ok(entry) => Ok(Some(entry)),
+            Err(e) => {
+                self.backend.log(
+                    Level::Warn,
+                    &format!("ignoring corrupt account entry of {username}: {e}"),
+                );
+                Ok(None)
+            }
+        }
+    }
+
+    fn write_entry(&self, username: &str, entry: &AccountEntry) -> Result<(), InviteError> {
+        self.backend
+            .put(Space::Accounts, &entry_key(username), Some(&entry.encode()))
+            .map_err(|e| self.entry_failed("write", username, &e))
+    }
+
+    fn entry_failed(&self, what: &str, username: &str, e: &StoreError) -> InviteError {
+        self.backend.log(
+            Level::Error,
+            &format!("could not {what} the account entry of {username}: {e}"),
+        );
+        InviteError::Storage
+    }
+
+    /// Enters in the invite tree the accounts that the uses redeemed since the invite had
+    /// `uses_before` created: not password resets, nor uses that named no account.
+    /// Best effort, after the invite is written: failures are logged.
+    fn enter_redeemed(&self, hash: &TokenHash, record: &InviteRecord, uses_before: u32) {
+        let new = usize::try_from(record.uses.saturating_sub(uses_before)).unwrap_or(usize::MAX);
+        let from = record.redemptions.len().saturating_sub(new);
+        for redemption in record.redemptions.iter().skip(from) {
+            if redemption.reset {
+                continue;
+            }
+            if let Some(child) = &redemption.account {
+                let _ = self.enter_account(child, hash, record, redemption.at);
+            }
+        }
+    }
+
+    /// `child` was created with the invite of `hash` at `at`: its entry says so, and the
+    /// invite's creator's lists it. Entering the same account twice changes nothing.
+    fn enter_account(
+        &self,
+        child: &str,
+        hash: &TokenHash,
+        record: &InviteRecord,
+        at: i64,
+    ) -> Result<(), InviteError> {
+        let id = hash.short_id();
+        let by = record.invited_by();
+        let mut entry = self.read_entry(child)?.unwrap_or_else(AccountEntry::new);
+        let entered = entry.invite.as_deref() == Some(id.as_str())
+            && entry.registered.is_some()
+            && entry.deleted.is_none();
+        if !entered {
+            entry.by = by.map(str::to_owned);
+            entry.source.clone_from(&record.source);
+            entry.invite = Some(id);
+            entry.registered = Some(at);
+            entry.deleted = None;
+            self.write_entry(child, &entry)?;
+        }
+        if let Some(parent) = by {
+            let mut entry = self.read_entry(parent)?.unwrap_or_else(AccountEntry::new);
+            if entry.add_invited(child) {
+                self.write_entry(parent, &entry)?;
+            }
+        }
+        Ok(())
     }
 
     fn load_index(&self, username: &str) -> Result<Option<NameIndex>, InviteError> {
@@ -1720,5 +2028,470 @@ mod tests {
             .count();
         assert_eq!(warned, 1);
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    fn by(creator: &str, source: &str) -> Provenance {
+        Provenance {
+            creator: Some(creator.to_owned()),
+            source: Some(source.to_owned()),
+            note: None,
+        }
+    }
+
+    fn register(b: &Book<MemoryBackend>, token: &str, holder: &str, username: &str, now: i64) {
+        b.reserve(token, &claim(holder, username, now), HOST, now)
+            .unwrap();
+        b.backend()
+            .accounts
+            .borrow_mut()
+            .insert(username.to_owned());
+        b.confirm(token, holder, HOST, now).unwrap();
+    }
+
+    fn uses(n: u32) -> Edit {
+        Edit {
+            max_uses: std::num::NonZeroU32::new(n),
+            ..Edit::default()
+        }
+    }
+
+    #[test]
+    fn provenance_and_note_are_stored_with_the_invite() {
+        let b = book();
+        let c = b
+            .create_with(
+                account(None),
+                Provenance {
+                    creator: Some(String::from("alice")),
+                    source: Some(String::from("admin@example.com/res")),
+                    note: Some(String::from("for the choir")),
+                },
+                1000,
+            )
+            .unwrap();
+        let stored = b.load(&c.hash).unwrap();
+        assert_eq!(stored.creator.as_deref(), Some("alice"));
+        assert_eq!(stored.source.as_deref(), Some("admin@example.com/res"));
+        assert_eq!(stored.note.as_deref(), Some("for the choir"));
+        // Without provenance, as before.
+        let plain = b.create(account(None), 1000).unwrap();
+        let stored = b.load(&plain.hash).unwrap();
+        assert_eq!(
+            (stored.creator, stored.source, stored.note),
+            (None, None, None)
+        );
+    }
+
+    #[test]
+    fn every_use_is_kept_as_a_redemption_with_its_account() {
+        let b = book();
+        let mut spec = account(None);
+        spec.max_uses = Some(3);
+        let c = b.create(spec, 1000).unwrap();
+        let t = c.token.expose();
+        register(&b, t, "A", "alice", 1001);
+        b.redeem_account(t, None, Some("bob"), HOST, 1002).unwrap();
+        b.redeem(t, None, HOST, 1003).unwrap();
+        let r = b.load(&c.hash).unwrap();
+        let got: Vec<_> = r
+            .redemptions
+            .iter()
+            .map(|x| (x.account.as_deref(), x.at, x.reset))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (Some("alice"), 1001, false),
+                (Some("bob"), 1002, false),
+                (None, 1003, false)
+            ]
+        );
+    }
+
+    #[test]
+    fn a_registration_enters_the_child_and_its_creator_in_the_tree() {
+        let b = book();
+        let mut spec = account(None);
+        spec.max_uses = Some(2);
+        let c = b.create_with(spec, by("alice", "shell"), 1000).unwrap();
+        let t = c.token.expose();
+        register(&b, t, "A", "bob", 1001);
+        register(&b, t, "C", "carol", 1002);
+        let bob = b.account("bob").unwrap().unwrap();
+        assert_eq!(bob.by.as_deref(), Some("alice"));
+        assert_eq!(bob.source.as_deref(), Some("shell"));
+        assert_eq!(bob.invite, Some(c.hash.short_id()));
+        assert_eq!((bob.registered, bob.deleted), (Some(1001), None));
+        // The creator had no entry: it has one now.
+        let alice = b.account("alice").unwrap().unwrap();
+        assert_eq!(alice.invited, ["bob", "carol"]);
+        assert_eq!(alice.registered, None);
+        // Entering the same redemptions again changes nothing.
+        let before = everything_stored(&b);
+        let r = b.load(&c.hash).unwrap();
+        b.enter_redeemed(&c.hash, &r, 0);
+        assert_eq!(everything_stored(&b), before);
+        assert!(b.account("nobody").unwrap().is_none());
+    }
+
+    #[test]
+    fn a_crash_between_account_and_confirm_still_enters_the_tree_once() {
+        let b = book();
+        let c = b
+            .create_with(account(None), by("alice", "prosodyctl"), 1000)
+            .unwrap();
+        let t = c.token.expose();
+        let mut held = claim("A", "bob", 1001);
+        held.lease_until = 1010;
+        b.reserve(t, &held, HOST, 1001).unwrap();
+        b.backend()
+            .accounts
+            .borrow_mut()
+            .insert(String::from("bob"));
+        // Past the lease, a lookup settles the use as spent, for bob.
+        assert_eq!(
+            b.validate(t, None, HOST, 1011).err(),
+            Some(InviteError::TokenUsed)
+        );
+        assert_eq!(b.account("bob").unwrap().unwrap().registered, Some(1011));
+        assert_eq!(b.account("alice").unwrap().unwrap().invited, ["bob"]);
+        // Looking again changes nothing.
+        let before = everything_stored(&b);
+        let _ = b.validate(t, None, HOST, 1012);
+        let _ = b.listed(&c.hash, 1012);
+        assert_eq!(everything_stored(&b), before);
+    }
+
+    #[test]
+    fn resets_and_subscriptions_enter_nobody_in_the_tree() {
+        let b = book();
+        let mut spec = account(Some("bob"));
+        spec.reset = Some(String::from("bob"));
+        let r = b.create_with(spec, by("admin", "shell"), 1000).unwrap();
+        b.redeem_account(r.token.expose(), None, Some("mallory"), HOST, 1001)
+            .unwrap();
+        let stored = b.load(&r.hash).unwrap();
+        assert_eq!(stored.redemptions[0].account.as_deref(), Some("bob"));
+        assert!(stored.redemptions[0].reset);
+        let c = b.create(contact("romeo", true), 1000).unwrap();
+        b.redeem_account(
+            c.token.expose(),
+            Some("romeo"),
+            Some("juliet@elsewhere.example"),
+            HOST,
+            1001,
+        )
+        .unwrap();
+        assert_eq!(b.backend().count(Space::Accounts), 0);
+        // A contact invite that registers an account: made by (or, before creators, for)
+        // the user it is a contact of.
+        let c2 = b.create(contact("romeo", true), 1000).unwrap();
+        b.redeem_account(c2.token.expose(), None, Some("juliet"), HOST, 1002)
+            .unwrap();
+        assert_eq!(
+            b.account("juliet").unwrap().unwrap().by.as_deref(),
+            Some("romeo")
+        );
+        assert_eq!(b.account("romeo").unwrap().unwrap().invited, ["juliet"]);
+    }
+
+    #[test]
+    fn an_entry_outlives_the_purge_of_its_accounts_records() {
+        // Prosody purges every record kept under a deleted account's username, in every
+        // store, after user-deleted: the tree's entry is kept under another key.
+        let b = book();
+        b.account_registered("bob", 1000).unwrap();
+        b.account_deleted("bob", 1001).unwrap();
+        b.backend().put(Space::Accounts, "bob", None).unwrap();
+        let bob = b.account("bob").unwrap().unwrap();
+        assert_eq!((bob.registered, bob.deleted), (Some(1000), Some(1001)));
+        let mut keys = Vec::new();
+        b.backend()
+            .each_key(Space::Accounts, &mut |key| {
+                keys.push(key.to_owned());
+                true
+            })
+            .unwrap();
+        assert_eq!(keys, ["account:bob"]);
+        assert_eq!(crate::record::username_of_entry_key(&keys[0]), Some("bob"));
+        assert_eq!(crate::record::username_of_entry_key("bob"), None);
+    }
+
+    #[test]
+    fn accounts_registered_without_an_invite_and_deleted_ones() {
+        let b = book();
+        b.account_registered("dave", 1000).unwrap();
+        let dave = b.account("dave").unwrap().unwrap();
+        assert_eq!((dave.by, dave.registered), (None, Some(1000)));
+        // Registered already: left as it is.
+        b.account_registered("dave", 2000).unwrap();
+        assert_eq!(b.account("dave").unwrap().unwrap().registered, Some(1000));
+        // An invited account keeps its provenance.
+        let c = b
+            .create_with(account(None), by("alice", "shell"), 1000)
+            .unwrap();
+        register(&b, c.token.expose(), "A", "bob", 1001);
+        b.account_registered("bob", 1002).unwrap();
+        assert_eq!(
+            b.account("bob").unwrap().unwrap().by.as_deref(),
+            Some("alice")
+        );
+        // Deleted, then registered again without an invite: a new account of that name.
+        assert_eq!(b.account_deleted("bob", 1003).unwrap(), 0);
+        let bob = b.account("bob").unwrap().unwrap();
+        assert_eq!(
+            (bob.deleted, bob.by.as_deref()),
+            (Some(1003), Some("alice"))
+        );
+        b.account_registered("bob", 1004).unwrap();
+        let bob = b.account("bob").unwrap().unwrap();
+        assert_eq!(
+            (bob.by, bob.registered, bob.deleted),
+            (None, Some(1004), None)
+        );
+        // An account the tree never knew stays visible once deleted.
+        b.account_deleted("ghost", 1005).unwrap();
+        assert_eq!(b.account("ghost").unwrap().unwrap().deleted, Some(1005));
+    }
+
+    #[test]
+    fn deleting_an_account_revokes_the_invites_still_to_be_had_that_are_its() {
+        let b = book();
+        let pending = b
+            .create_with(account(None), by("alice", "shell"), 1000)
+            .unwrap();
+        let reserved = b
+            .create_with(account(None), by("alice", "shell"), 1000)
+            .unwrap();
+        b.reserve(
+            reserved.token.expose(),
+            &claim("R", "zoe", 1001),
+            HOST,
+            1001,
+        )
+        .unwrap();
+        let used = b
+            .create_with(account(None), by("alice", "shell"), 1000)
+            .unwrap();
+        b.redeem(used.token.expose(), None, HOST, 1001).unwrap();
+        let expired = b
+            .create_with(account(None), by("alice", "shell"), 900)
+            .unwrap();
+        let contact_to_alice = b.create(contact("alice", true), 1000).unwrap();
+        let bobs = b
+            .create_with(account(None), by("bob", "shell"), 1000)
+            .unwrap();
+        let nobodys = b.create(account(None), 1000).unwrap();
+        b.backend().set_raw(Space::Invites, "not-a-key", "junk");
+
+        assert_eq!(b.revoke_by("carol", 1002).unwrap(), 0);
+        assert_eq!(b.account_deleted("alice", 1002).unwrap(), 3);
+        for c in [&pending, &reserved, &contact_to_alice] {
+            assert_eq!(b.load(&c.hash).unwrap().state, StoredState::Revoked);
+        }
+        assert_eq!(b.load(&used.hash).unwrap().state, StoredState::Used);
+        assert_eq!(b.load(&expired.hash).unwrap().state, StoredState::Pending);
+        for c in [&bobs, &nobodys] {
+            assert_eq!(b.load(&c.hash).unwrap().state, StoredState::Pending);
+        }
+        assert_eq!(b.account("alice").unwrap().unwrap().deleted, Some(1002));
+        // Again: nothing more to revoke.
+        assert_eq!(b.revoke_by("alice", 1003).unwrap(), 0);
+        assert_eq!(b.revoke_by("bob", 1003).unwrap(), 1);
+    }
+
+    #[test]
+    fn revoke_by_goes_on_past_a_failure_and_reports_it() {
+        let b = book();
+        for _ in 0..3 {
+            b.create_with(account(None), by("alice", "shell"), 1000)
+                .unwrap();
+        }
+        // One storage operation on the way fails (the first revocation's write).
+        b.backend().fail_after.set(Some(2));
+        assert_eq!(b.revoke_by("alice", 1001).err(), Some(InviteError::Storage));
+        b.backend().fail_after.set(None);
+        // The others were revoked; what is left, is now.
+        assert_eq!(b.revoke_by("alice", 1002).unwrap(), 1);
+    }
+
+    #[test]
+    fn edit_to_three_uses_while_registrations_are_under_way() {
+        let b = book();
+        let c = b.create(account(None), 1000).unwrap();
+        let t = c.token.expose();
+        b.reserve(t, &claim("A", "alice", 1001), HOST, 1001)
+            .unwrap();
+        let edited = b.edit(&c.hash, &uses(3), 1001).unwrap();
+        assert_eq!(edited.record.use_limit(), Some(3));
+        b.reserve(t, &claim("B", "bob", 1001), HOST, 1001).unwrap();
+        b.reserve(t, &claim("C", "carol", 1001), HOST, 1001)
+            .unwrap();
+        assert_eq!(
+            b.reserve(t, &claim("D", "dave", 1001), HOST, 1001).err(),
+            Some(InviteError::TokenUsed)
+        );
+        for h in ["A", "B", "C"] {
+            b.confirm(t, h, HOST, 1002).unwrap();
+        }
+        let r = b.load(&c.hash).unwrap();
+        assert_eq!((r.uses, r.status(1002)), (3, Status::Used));
+        assert_eq!(r.redemptions.len(), 3);
+        assert_eq!(
+            b.edit(&c.hash, &uses(5), 1003).err(),
+            Some(InviteError::TokenUsed)
+        );
+    }
+
+    #[test]
+    fn edit_below_what_is_held_is_refused_and_writes_nothing() {
+        let b = book();
+        let mut spec = account(None);
+        spec.max_uses = Some(3);
+        let c = b.create(spec, 1000).unwrap();
+        let t = c.token.expose();
+        register(&b, t, "A", "alice", 1001);
+        b.reserve(t, &claim("B", "bob", 1001), HOST, 1001).unwrap();
+        let before = everything_stored(&b);
+        assert_eq!(
+            b.edit(&c.hash, &uses(1), 1002).err(),
+            Some(InviteError::UsesBelowTaken)
+        );
+        assert_eq!(everything_stored(&b), before);
+        b.edit(&c.hash, &uses(2), 1002).unwrap();
+        b.confirm(t, "B", HOST, 1003).unwrap();
+        assert_eq!(b.load(&c.hash).unwrap().status(1003), Status::Used);
+    }
+
+    #[test]
+    fn edit_revives_an_expired_invite_and_its_name_but_nothing_used_or_revoked() {
+        let b = book();
+        let c = b.create(account(Some("alice")), 1000).unwrap();
+        assert!(!b.username_reserved("alice", 1101, None).unwrap());
+        let note = Edit {
+            note: Some(Some(String::from("again"))),
+            ..Edit::default()
+        };
+        assert_eq!(
+            b.edit(&c.hash, &note, 1101).err(),
+            Some(InviteError::TokenExpired)
+        );
+        let past = Edit {
+            expires: Some(1101),
+            ..Edit::default()
+        };
+        assert_eq!(
+            b.edit(&c.hash, &past, 1101).err(),
+            Some(InviteError::InvalidExpiry)
+        );
+        let later = Edit {
+            expires: Some(5000),
+            note: Some(Some(String::from("again"))),
+            ..Edit::default()
+        };
+        let revived = b.edit(&c.hash, &later, 1101).unwrap();
+        assert_eq!(revived.record.status(1101), Status::Pending);
+        assert_eq!(revived.record.note.as_deref(), Some("again"));
+        // The name is held again, until the new expiry.
+        assert!(b.username_reserved("alice", 4000, None).unwrap());
+        assert_eq!(
+            b.edit(&c.hash, &uses(2), 1102).err(),
+            Some(InviteError::SingleAccount)
+        );
+        register(&b, c.token.expose(), "A", "alice", 1102);
+        assert_eq!(
+            b.edit(&c.hash, &later, 6000).err(),
+            Some(InviteError::TokenUsed)
+        );
+        let r = b.create(account(None), 1000).unwrap();
+        b.revoke_key(&r.hash, 1001).unwrap();
+        assert_eq!(
+            b.edit(&r.hash, &later, 1200).err(),
+            Some(InviteError::TokenRevoked)
+        );
+        assert_eq!(
+            b.edit(&TokenHash::from_key(&"0".repeat(64)).unwrap(), &note, 1000)
+                .err(),
+            Some(InviteError::NoSuchInvite)
+        );
+        // Clearing the note.
+        let live = b.create(account(None), 1000).unwrap();
+        b.edit(&live.hash, &note, 1001).unwrap();
+        let cleared = Edit {
+            note: Some(None),
+            ..Edit::default()
+        };
+        assert_eq!(
+            b.edit(&live.hash, &cleared, 1001).unwrap().record.note,
+            None
+        );
+    }
+
+    #[test]
+    fn charge_counts_an_accounts_invites_against_its_quota() {
+        let b = book();
+        let day = 86_400;
+        let rule = Rule {
+            limit: Some(2),
+            period: Some(day),
+            wait: Some(3600),
+        };
+        // An account the tree does not know is an old one.
+        b.charge("old", &rule, 1000).unwrap();
+        b.charge("old", &rule, 1001).unwrap();
+        assert_eq!(
+            b.charge("old", &rule, 1002).err(),
+            Some(Refusal {
+                error: InviteError::QuotaExceeded,
+                retry_at: Some(1000 + day)
+            })
+        );
+        b.charge("old", &rule, 1000 + day).unwrap();
+        // A new account waits.
+        let c = b.create(account(None), 1000).unwrap();
+        register(&b, c.token.expose(), "A", "newbie", 1000);
+        assert_eq!(
+            b.charge("newbie", &rule, 1000 + 59 * 60).err(),
+            Some(Refusal {
+                error: InviteError::TooSoon,
+                retry_at: Some(1000 + 3600)
+            })
+        );
+        b.charge("newbie", &rule, 1000 + 3600).unwrap();
+        assert_eq!(b.account("newbie").unwrap().unwrap().created, [4600]);
+        // Storage that fails refuses, and says why.
+        b.backend().fail_after.set(Some(0));
+        assert_eq!(
+            b.charge("old", &Rule::default(), 5000).err(),
+            Some(Refusal {
+                error: InviteError::Storage,
+                retry_at: None
+            })
+        );
+        b.backend().fail_after.set(None);
+    }
+
+    #[test]
+    fn the_tree_and_quotas_log_no_token() {
+        let b = book();
+        let c = b
+            .create_with(account(None), by("alice", "shell"), 1000)
+            .unwrap();
+        let t = c.token.expose().to_owned();
+        b.reserve(&t, &claim("A", "bob", 1001), HOST, 1001).unwrap();
+        // confirm: the invite read and written, then the tree fails: the use is spent.
+        b.backend().fail_after.set(Some(2));
+        b.backend().stay_failed.set(true);
+        b.confirm(&t, "A", HOST, 1001).unwrap();
+        let _ = b.account_deleted("alice", 1002);
+        b.backend().fail_after.set(None);
+        b.backend().stay_failed.set(false);
+        assert!(b.account("bob").unwrap().is_none());
+        let logs = b.backend().logs.borrow();
+        assert!(logs
+            .iter()
+            .any(|(l, m)| *l == Level::Error && m.contains("account entry of bob")));
+        assert!(logs.iter().all(|(_, m)| !m.contains(&t)));
+        assert!(!everything_stored(&b).contains(&t));
     }
 }

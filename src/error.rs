@@ -37,11 +37,22 @@ pub enum InviteError {
     AmbiguousId,
     /// Storage failed or returned something unreadable; nothing was changed.
     Storage,
+    /// An edit asked for an expiry time that is not in the future.
+    InvalidExpiry,
+    /// An edit asked for fewer uses than are redeemed or held by registrations in flight.
+    UsesBelowTaken,
+    /// The invite can make one account only (bound to a username, a password reset, or a
+    /// contact invite): it cannot be given more uses.
+    SingleAccount,
+    /// The account made as many invites as its quota allows in the period.
+    QuotaExceeded,
+    /// The account is too new to make invites yet.
+    TooSoon,
 }
 
 impl InviteError {
     /// Every variant, for checks that must cover them all.
-    pub const ALL: [InviteError; 13] = [
+    pub const ALL: [InviteError; 18] = [
         InviteError::NoToken,
         InviteError::TokenInvalid,
         InviteError::TokenExpired,
@@ -55,6 +66,11 @@ impl InviteError {
         InviteError::NoSuchInvite,
         InviteError::AmbiguousId,
         InviteError::Storage,
+        InviteError::InvalidExpiry,
+        InviteError::UsesBelowTaken,
+        InviteError::SingleAccount,
+        InviteError::QuotaExceeded,
+        InviteError::TooSoon,
     ];
 
     /// The stable name handed to Lua as the second return value.
@@ -73,6 +89,11 @@ impl InviteError {
             InviteError::NoSuchInvite => "no-such-invite",
             InviteError::AmbiguousId => "ambiguous-id",
             InviteError::Storage => "internal-server-error",
+            InviteError::InvalidExpiry => "invalid-expiry",
+            InviteError::UsesBelowTaken => "uses-below-taken",
+            InviteError::SingleAccount => "single-account",
+            InviteError::QuotaExceeded => "quota-exceeded",
+            InviteError::TooSoon => "too-soon",
         }
     }
 }
@@ -116,5 +137,14 @@ mod tests {
             assert!(name.chars().all(|c| c.is_ascii_lowercase() || c == '-'));
         }
         assert_eq!(InviteError::Storage.name(), "internal-server-error");
+    }
+
+    #[test]
+    fn every_name_is_distinct() {
+        let mut names: Vec<&str> = InviteError::ALL.iter().map(InviteError::name).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), InviteError::ALL.len());
+        assert_eq!(InviteError::UsesBelowTaken.name(), "uses-below-taken");
     }
 }

@@ -1,16 +1,24 @@
 //! The Lua adapter: converts between Lua values and the core, and nothing else.
 //!
 //! Exports (`require`d through `package.loadlib`):
-//! - `new{ host = "example.com", invites = store, names = store, log = function(level, message),
-//!   account_exists = function(username), token_storage = "sealed" | "hash", key_file = path }`
+//! - `new{ host = "example.com", invites = store, names = store, accounts = store,
+//!   log = function(level, message), account_exists = function(username),
+//!   token_storage = "sealed" | "hash", key_file = path }`
 //!   → the book of that virtual host, where the stores are Prosody keyval stores
 //!   (`module:open_store(...)`); tokens are sealed with the key in `key_file` (made on first
-//!   use), or kept as hashes only.
-//! - book methods `create`, `get`, `reserve`, `confirm`, `release`, `resolve`, `use` (redeem),
-//!   `revoke`, `revoke_key`, `prune`, `username_reserved`, `listed`, `import_legacy` (see
-//!   `lua/mod_invites/mod_invites.lua`). `get`, `reserve`, `confirm` and `use` take the
-//!   host the caller acts for (the stream's or the new account's), and give
+//!   use), or kept as hashes only. `accounts` (optional) keeps the invite tree and quotas;
+//!   without it, the tree reads as empty and keeps nothing.
+//! - book methods `create`, `prepare`, `store`, `get`, `reserve`, `confirm`, `release`,
+//!   `resolve`, `use` (redeem), `revoke`, `revoke_key`, `prune`, `username_reserved`,
+//!   `listed`, `import_legacy` (see `lua/mod_invites/mod_invites.lua`), and for invite
+//!   governance `edit`, `account`, `account_registered`, `account_deleted`, `revoke_by`,
+//!   `charge` (each documented at its function below). `get`, `reserve`, `confirm` and
+//!   `use` take the host the caller acts for (the stream's or the new account's), and give
 //!   `nil, "wrong-host"` unless it is the book's.
+//! - The spec of `create` and `prepare` may say who made the invite and where: `creator` (a
+//!   username), `source` (at most 256 bytes), `note` (at most 1024 bytes). Invite tables
+//!   carry them, and `redemptions`: `{ { account = "bob", at = 1700000000, reset = false }, … }`
+//!   (`account` is nil for a use nobody was named for).
 //! - `throttle(max, period, capacity)`, `period(value, min, can_be_off)`,
 //!   `parse_duration(text)`, `key_of(token)`, `version`.
 //!
@@ -22,6 +30,7 @@
 
 use std::cell::RefCell;
 use std::fmt;
+use std::num::NonZeroU32;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use mlua::{
@@ -30,11 +39,14 @@ use mlua::{
 };
 use zeroize::Zeroizing;
 
-use crate::book::{record_uri, Book, Created, LegacyInvite, NewInvite, TokenStorage};
+use crate::book::{record_uri, Book, Created, LegacyInvite, NewInvite, Provenance, TokenStorage};
 use crate::duration::{parse_duration, period_setting, PeriodSetting};
 use crate::error::{InviteError, StoreError};
-use crate::record::{InviteKind, InviteRecord, LandingPage};
-use crate::state::{Claim, Status};
+use crate::quota::Rule;
+use crate::record::{
+    AccountEntry, InviteKind, InviteRecord, LandingPage, MAX_NOTE_LEN, MAX_SOURCE_LEN,
+};
+use crate::state::{Claim, Edit, Status};
 use crate::store::{Backend, Level, Space};
 use crate::throttle::Throttle;
 use crate::token::{Token, TokenHash};
@@ -44,15 +56,18 @@ pub struct LuaBackend {
     lua: WeakLua,
     invites: Table,
     names: Table,
+    /// The invite tree's store; without one, it reads as empty and keeps nothing.
+    accounts: Option<Table>,
     log: Option<Function>,
     account_exists: Option<Function>,
 }
 
 impl LuaBackend {
-    fn store(&self, space: Space) -> &Table {
+    fn store(&self, space: Space) -> Option<&Table> {
         match space {
-            Space::Invites => &self.invites,
-            Space::Names => &self.names,
+            Space::Invites => Some(&self.invites),
+            Space::Names => Some(&self.names),
+            Space::Accounts => self.accounts.as_ref(),
         }
     }
 }
@@ -64,7 +79,9 @@ fn lua_error_text(e: &mlua::Error) -> String {
 
 impl Backend for LuaBackend {
     fn get(&self, space: Space, owner: &str) -> Result<Option<String>, StoreError> {
-        let store = self.store(space);
+        let Some(store) = self.store(space) else {
+            return Ok(None);
+        };
         let get: Function = store
             .get("get")
             .map_err(|e| StoreError::Backend(lua_error_text(&e)))?;
@@ -95,7 +112,9 @@ impl Backend for LuaBackend {
     }
 
     fn put(&self, space: Space, owner: &str, value: Option<&str>) -> Result<(), StoreError> {
-        let store = self.store(space);
+        let Some(store) = self.store(space) else {
+            return Ok(());
+        };
         let set: Function = store
             .get("set")
             .map_err(|e| StoreError::Backend(lua_error_text(&e)))?;
@@ -123,34 +142,15 @@ impl Backend for LuaBackend {
         }
     }
 
-    fn log(&self, level: Level, message: &str) {
-        if let Some(log) = &self.log {
-            let _ = log.call::<()>((level.as_str(), message));
-        }
-    }
-
-    fn account_exists(&self, username: &str) -> Result<bool, StoreError> {
-        match &self.account_exists {
-            None => Ok(false),
-            Some(f) => match f.call::<Value>(username) {
-                Ok(Value::Boolean(b)) => Ok(b),
-                Ok(Value::Nil) => Ok(false),
-                // Any other value is true to Lua.
-                Ok(_) => Ok(true),
-                Err(e) => Err(StoreError::Backend(lua_error_text(&e))),
-            },
-        }
-    }
-}
-
-impl LuaBackend {
     /// Calls `visit` with each owner of the store (`store:users()`) until it says stop.
     fn each_key(
         &self,
         space: Space,
         visit: &mut dyn FnMut(&str) -> bool,
     ) -> Result<(), StoreError> {
-        let store = self.store(space);
+        let Some(store) = self.store(space) else {
+            return Ok(());
+        };
         let backend_error = |e: mlua::Error| StoreError::Backend(lua_error_text(&e));
         let users: Function = store.get("users").map_err(backend_error)?;
         let (next, state, mut control): (Function, Value, Value) =
@@ -169,6 +169,25 @@ impl LuaBackend {
                 _ => {}
             }
             control = key;
+        }
+    }
+
+    fn log(&self, level: Level, message: &str) {
+        if let Some(log) = &self.log {
+            let _ = log.call::<()>((level.as_str(), message));
+        }
+    }
+
+    fn account_exists(&self, username: &str) -> Result<bool, StoreError> {
+        match &self.account_exists {
+            None => Ok(false),
+            Some(f) => match f.call::<Value>(username) {
+                Ok(Value::Boolean(b)) => Ok(b),
+                Ok(Value::Nil) => Ok(false),
+                // Any other value is true to Lua.
+                Ok(_) => Ok(true),
+                Err(e) => Err(StoreError::Backend(lua_error_text(&e))),
+            },
         }
     }
 }
@@ -293,6 +312,92 @@ impl FromLua for OptText {
     }
 }
 
+/// A string of at most `MAX` bytes, or nil.
+struct Bounded<const MAX: usize>(Option<String>);
+
+impl<const MAX: usize> FromLua for Bounded<MAX> {
+    fn from_lua(value: Value, lua: &Lua) -> mlua::Result<Self> {
+        match OptText::from_lua(value, lua)?.0 {
+            Some(text) if text.len() > MAX => Err(refused(format!(
+                "string of at most {MAX} bytes expected, got {} bytes",
+                text.len()
+            ))),
+            text => Ok(Bounded(text)),
+        }
+    }
+}
+
+/// A local username (a creator), or nil.
+struct OptUsername(Option<String>);
+
+impl FromLua for OptUsername {
+    fn from_lua(value: Value, lua: &Lua) -> mlua::Result<Self> {
+        match OptText::from_lua(value, lua)?.0 {
+            Some(name) if name.is_empty() => Err(refused("non-empty string or nil expected")),
+            name => Ok(OptUsername(name)),
+        }
+    }
+}
+
+/// A whole number, or nil.
+struct OptInteger(Option<i64>);
+
+impl FromLua for OptInteger {
+    fn from_lua(value: Value, lua: &Lua) -> mlua::Result<Self> {
+        if value.is_nil() {
+            return Ok(OptInteger(None));
+        }
+        match Integer::from_lua(value.clone(), lua) {
+            Ok(Integer(i)) => Ok(OptInteger(Some(i))),
+            Err(_) => Err(expected("integer or nil", &value)),
+        }
+    }
+}
+
+/// Seconds of a quota rule: nil, or a whole number from `MIN` up.
+struct OptSeconds<const MIN: i64>(Option<i64>);
+
+impl<const MIN: i64> FromLua for OptSeconds<MIN> {
+    fn from_lua(value: Value, lua: &Lua) -> mlua::Result<Self> {
+        match OptInteger::from_lua(value, lua)?.0 {
+            Some(n) if n < MIN => Err(refused(format!(
+                "integer of at least {MIN} or nil expected"
+            ))),
+            n => Ok(OptSeconds(n)),
+        }
+    }
+}
+
+/// A quota's limit: nil, or a whole number from 0 to 2^32 - 1.
+struct OptLimit(Option<u32>);
+
+impl FromLua for OptLimit {
+    fn from_lua(value: Value, lua: &Lua) -> mlua::Result<Self> {
+        match OptInteger::from_lua(value, lua)?.0.map(u32::try_from) {
+            None => Ok(OptLimit(None)),
+            Some(Ok(n)) => Ok(OptLimit(Some(n))),
+            Some(Err(_)) => Err(refused("integer from 0 to 4294967295 or nil expected")),
+        }
+    }
+}
+
+/// An edit's `note`: a string to set, `false` to remove it, nil to leave it.
+struct NoteChange(Option<Option<String>>);
+
+impl FromLua for NoteChange {
+    fn from_lua(value: Value, lua: &Lua) -> mlua::Result<Self> {
+        match value {
+            Value::Nil => Ok(NoteChange(None)),
+            Value::Boolean(false) => Ok(NoteChange(Some(None))),
+            Value::String(_) => {
+                let Bounded::<MAX_NOTE_LEN>(note) = Bounded::from_lua(value, lua)?;
+                Ok(NoteChange(Some(note)))
+            }
+            other => Err(expected("string, false or nil", &other)),
+        }
+    }
+}
+
 /// A boolean; nil is false (and nothing else is).
 struct Flag(bool);
 
@@ -399,6 +504,19 @@ impl FromLua for Store {
     }
 }
 
+/// A store, or nil.
+struct OptStore(Option<Table>);
+
+impl FromLua for OptStore {
+    fn from_lua(value: Value, _: &Lua) -> mlua::Result<Self> {
+        match value {
+            Value::Nil => Ok(OptStore(None)),
+            Value::Table(t) => Ok(OptStore(Some(t))),
+            other => Err(expected("store or nil", &other)),
+        }
+    }
+}
+
 /// Plain data is kept as JSON inside the invite's record, which serde_json reads back to
 /// 128 levels only; and converting it recurses once per level, so a deep enough table would
 /// overflow the stack before any check of ours. Prosody's own data is two levels deep.
@@ -478,8 +596,8 @@ impl FromLua for MaxUses {
     }
 }
 
-/// What `create` is asked to make (its first argument).
-struct InviteSpec(NewInvite);
+/// What `create` is asked to make (its first argument), and who asks.
+struct InviteSpec(NewInvite, Provenance);
 
 impl FromLua for InviteSpec {
     fn from_lua(value: Value, lua: &Lua) -> mlua::Result<Self> {
@@ -498,17 +616,61 @@ impl FromLua for InviteSpec {
         let OptText(username) = field(lua, &t, "username")?;
         let OptText(reset) = field(lua, &t, "reset")?;
         let OptText(inviter) = field(lua, &t, "inviter")?;
-        Ok(InviteSpec(NewInvite {
-            kind,
-            jid,
-            allow_registration,
-            additional_data,
-            ttl,
-            reusable,
-            max_uses,
-            username,
-            reset,
-            inviter,
+        let OptUsername(creator) = field(lua, &t, "creator")?;
+        let Bounded::<MAX_SOURCE_LEN>(source) = field(lua, &t, "source")?;
+        let Bounded::<MAX_NOTE_LEN>(note) = field(lua, &t, "note")?;
+        Ok(InviteSpec(
+            NewInvite {
+                kind,
+                jid,
+                allow_registration,
+                additional_data,
+                ttl,
+                reusable,
+                max_uses,
+                username,
+                reset,
+                inviter,
+            },
+            Provenance {
+                creator,
+                source,
+                note,
+            },
+        ))
+    }
+}
+
+/// What `edit` is asked to change (its second argument).
+struct EditSpec(Edit);
+
+impl FromLua for EditSpec {
+    fn from_lua(value: Value, lua: &Lua) -> mlua::Result<Self> {
+        let TableArg(t) = TableArg::from_lua(value, lua)?;
+        let OptInteger(expires) = field(lua, &t, "expires")?;
+        let MaxUses(max_uses) = field(lua, &t, "max_uses")?;
+        let NoteChange(note) = field(lua, &t, "note")?;
+        Ok(EditSpec(Edit {
+            expires,
+            max_uses: max_uses.and_then(NonZeroU32::new),
+            note,
+        }))
+    }
+}
+
+/// The quota rule `charge` applies (its second argument).
+struct RuleSpec(Rule);
+
+impl FromLua for RuleSpec {
+    fn from_lua(value: Value, lua: &Lua) -> mlua::Result<Self> {
+        let TableArg(t) = TableArg::from_lua(value, lua)?;
+        let OptLimit(limit) = field(lua, &t, "limit")?;
+        let OptSeconds::<1>(period) = field(lua, &t, "period")?;
+        let OptSeconds::<0>(wait) = field(lua, &t, "wait")?;
+        Ok(RuleSpec(Rule {
+            limit,
+            period,
+            wait,
         }))
     }
 }
@@ -614,6 +776,7 @@ impl FromLua for BookConfig {
         let Host(host) = field(lua, &t, "host")?;
         let Store(invites) = field(lua, &t, "invites")?;
         let Store(names) = field(lua, &t, "names")?;
+        let OptStore(accounts) = field(lua, &t, "accounts")?;
         let Callback(log) = field(lua, &t, "log")?;
         let Callback(account_exists) = field(lua, &t, "account_exists")?;
         // Sealed with a key file where one is named; "hash" keeps hashes only.
@@ -644,6 +807,7 @@ impl FromLua for BookConfig {
                 lua: lua.weak(),
                 invites,
                 names,
+                accounts,
                 log,
                 account_exists,
             },
@@ -717,6 +881,32 @@ fn invite_table(lua: &Lua, hash: &TokenHash, r: &InviteRecord, now: i64) -> mlua
         "usable",
         matches!(status, Status::Pending | Status::Reserved),
     )?;
+    t.raw_set("creator", r.creator.as_deref())?;
+    t.raw_set("source", r.source.as_deref())?;
+    t.raw_set("note", r.note.as_deref())?;
+    let redemptions = lua.create_table_with_capacity(r.redemptions.len(), 0)?;
+    for (i, redemption) in r.redemptions.iter().enumerate() {
+        let entry = lua.create_table_with_capacity(0, 3)?;
+        entry.raw_set("account", redemption.account.as_deref())?;
+        entry.raw_set("at", redemption.at)?;
+        entry.raw_set("reset", redemption.reset)?;
+        redemptions.raw_set(i + 1, entry)?;
+    }
+    t.raw_set("redemptions", redemptions)?;
+    Ok(t)
+}
+
+/// An account's entry in the invite tree, as `book:account()` gives it.
+fn account_table(lua: &Lua, username: &str, e: &AccountEntry) -> mlua::Result<Table> {
+    let t = lua.create_table()?;
+    t.raw_set("username", username)?;
+    t.raw_set("by", e.by.as_deref())?;
+    t.raw_set("source", e.source.as_deref())?;
+    t.raw_set("invite", e.invite.as_deref())?;
+    t.raw_set("registered", e.registered)?;
+    t.raw_set("deleted", e.deleted)?;
+    let invited = lua.create_sequence_from(e.invited.iter().map(String::as_str))?;
+    t.raw_set("invited", invited)?;
     Ok(t)
 }
 
@@ -803,6 +993,14 @@ impl UserData for LuaBook {
         methods.add_method("username_reserved", username_reserved);
         methods.add_method("listed", listed);
         methods.add_method("import_legacy", import_legacy);
+        methods.add_method("edit", edit);
+        methods.add_method("account", account);
+        methods.add_method("entry_username", entry_username);
+        methods.add_method("refund", refund);
+        methods.add_method("account_registered", account_registered);
+        methods.add_method("account_deleted", account_deleted);
+        methods.add_method("revoke_by", revoke_by);
+        methods.add_method("charge", charge);
     }
 }
 
@@ -810,9 +1008,9 @@ impl UserData for LuaBook {
 fn create(lua: &Lua, book: &LuaBook, (spec, now): (Value, Value)) -> mlua::Result<MultiValue> {
     let TableArg(spec) = arg(lua, spec, 1, "create")?;
     let Integer(now) = arg(lua, now, 2, "create")?;
-    let InviteSpec(new) = arg(lua, Value::Table(spec), 1, "create")?;
+    let InviteSpec(new, provenance) = arg(lua, Value::Table(spec), 1, "create")?;
     guarded(lua, book, "create", || {
-        let mut created = book.0.prepare(new, now);
+        let mut created = book.0.prepare_with(new, provenance, now);
         let invite = with_token(lua, &created.hash, &created.record, &created.token, now)?;
         match book.0.store_created(&mut created) {
             Ok(()) => success(lua, invite),
@@ -850,9 +1048,9 @@ impl FromLua for DraftArg {
 fn prepare(lua: &Lua, book: &LuaBook, (spec, now): (Value, Value)) -> mlua::Result<MultiValue> {
     let TableArg(spec) = arg(lua, spec, 1, "prepare")?;
     let Integer(now) = arg(lua, now, 2, "prepare")?;
-    let InviteSpec(new) = arg(lua, Value::Table(spec), 1, "prepare")?;
+    let InviteSpec(new, provenance) = arg(lua, Value::Table(spec), 1, "prepare")?;
     guarded(lua, book, "prepare", || {
-        let created = book.0.prepare(new, now);
+        let created = book.0.prepare_with(new, provenance, now);
         let invite = with_token(lua, &created.hash, &created.record, &created.token, now)?;
         let draft = lua.create_userdata(LuaDraft(RefCell::new(Some(created))))?;
         success(lua, (invite, draft))
@@ -929,11 +1127,14 @@ fn reserve(
     })
 }
 
-/// `book:confirm(token, holder, host, now)` → the invite, the holder's use redeemed.
+/// `book:confirm(token, holder, host, now[, username])` → the invite, the holder's use
+/// redeemed, and the account it created entered in the invite tree. `username` (optional)
+/// names the account registered, for when the holder's reservation lapsed and no longer
+/// does.
 fn confirm(
     lua: &Lua,
     book: &LuaBook,
-    (token, holder, host, now): (Value, Value, Value, Value),
+    (token, holder, host, now, username): (Value, Value, Value, Value, Value),
 ) -> mlua::Result<MultiValue> {
     let presented = match arg::<TokenArg>(lua, token, 1, "confirm")?.0 {
         Ok(text) => text,
@@ -942,8 +1143,12 @@ fn confirm(
     let Text(holder) = arg(lua, holder, 2, "confirm")?;
     let Text(host) = arg(lua, host, 3, "confirm")?;
     let Integer(now) = arg(lua, now, 4, "confirm")?;
+    let OptText(username) = arg(lua, username, 5, "confirm")?;
     guarded(lua, book, "confirm", || {
-        match book.0.confirm(&presented, &holder, &host, now) {
+        match book
+            .0
+            .confirm_account(&presented, &holder, username.as_deref(), &host, now)
+        {
             Ok(found) => success(lua, invite_table(lua, &found.hash, &found.record, now)?),
             Err(e) => failure(lua, e),
         }
@@ -988,11 +1193,13 @@ fn resolve(lua: &Lua, book: &LuaBook, reference: Value) -> mlua::Result<MultiVal
     })
 }
 
-/// `book:use(token, contact_of, host, now)` → the invite, one use redeemed.
+/// `book:use(token, contact_of, host, now[, account])` → the invite, one use redeemed for
+/// `account` (optional: the account created, or the contact subscribing). Without
+/// `contact_of`, that account was created with the invite and enters the invite tree.
 fn redeem(
     lua: &Lua,
     book: &LuaBook,
-    (token, contact_of, host, now): (Value, Value, Value, Value),
+    (token, contact_of, host, now, account): (Value, Value, Value, Value, Value),
 ) -> mlua::Result<MultiValue> {
     let presented = match arg::<TokenArg>(lua, token, 1, "use")?.0 {
         Ok(text) => text,
@@ -1001,8 +1208,15 @@ fn redeem(
     let OptText(contact_of) = arg(lua, contact_of, 2, "use")?;
     let Text(host) = arg(lua, host, 3, "use")?;
     let Integer(now) = arg(lua, now, 4, "use")?;
+    let OptText(account) = arg(lua, account, 5, "use")?;
     guarded(lua, book, "use", || {
-        match book.0.redeem(&presented, contact_of.as_deref(), &host, now) {
+        match book.0.redeem_account(
+            &presented,
+            contact_of.as_deref(),
+            account.as_deref(),
+            &host,
+            now,
+        ) {
             Ok(found) => success(lua, invite_table(lua, &found.hash, &found.record, now)?),
             Err(e) => failure(lua, e),
         }
@@ -1121,6 +1335,141 @@ fn import_legacy(
         match book.0.import_legacy(&token, legacy, now) {
             Ok(imported) => success(lua, imported),
             Err(e) => failure(lua, e),
+        }
+    })
+}
+
+/// `book:edit(key, changes, now)` → the invite as changed, or `nil, error`. `changes` is
+/// `{ expires = <unix time>?, max_uses = <integer ≥ 1>?, note = <string> | false? }`
+/// (false removes the note). Refusals: `no-such-invite`, `token-revoked`, `token-used`,
+/// `token-expired` (an expired invite changes only with a new `expires`), `invalid-expiry`
+/// (not in the future), `single-account`, `uses-below-taken`.
+fn edit(
+    lua: &Lua,
+    book: &LuaBook,
+    (key, changes, now): (Value, Value, Value),
+) -> mlua::Result<MultiValue> {
+    let Key(hash) = arg(lua, key, 1, "edit")?;
+    let TableArg(changes) = arg(lua, changes, 2, "edit")?;
+    let Integer(now) = arg(lua, now, 3, "edit")?;
+    let EditSpec(changes) = arg(lua, Value::Table(changes), 2, "edit")?;
+    guarded(lua, book, "edit", || {
+        let edited = hash
+            .ok_or(InviteError::NoSuchInvite)
+            .and_then(|hash| book.0.edit(&hash, &changes, now));
+        match edited {
+            Ok(found) => success(lua, invite_table(lua, &found.hash, &found.record, now)?),
+            Err(e) => failure(lua, e),
+        }
+    })
+}
+
+/// `book:account(username)` → `{ username, by, source, invite, registered, deleted,
+/// invited = { … } }`, the account's entry in the invite tree, or nil if it has none.
+fn account(lua: &Lua, book: &LuaBook, username: Value) -> mlua::Result<MultiValue> {
+    let Text(username) = arg(lua, username, 1, "account")?;
+    guarded(lua, book, "account", || match book.0.account(&username) {
+        Ok(Some(entry)) => success(lua, account_table(lua, &username, &entry)?),
+        Ok(None) => success(lua, Value::Nil),
+        Err(e) => failure(lua, e),
+    })
+}
+
+/// `book:refund(username, at)` → true; gives back the charge made at `at` (the `now` given
+/// to `charge`) when the invite it was for could not be made.
+fn refund(lua: &Lua, book: &LuaBook, (username, at): (Value, Value)) -> mlua::Result<MultiValue> {
+    for_account(lua, book, "refund", (username, at), |b, u, at| {
+        b.refund(u, at).map(|()| true)
+    })
+}
+
+/// `book:entry_username(key)` → the username a key of the accounts store names, or nil
+/// (the store's keys are not bare usernames: see `record::entry_key`).
+fn entry_username(lua: &Lua, _book: &LuaBook, key: Value) -> mlua::Result<MultiValue> {
+    let Text(key) = arg(lua, key, 1, "entry_username")?;
+    success(lua, crate::record::username_of_entry_key(&key))
+}
+
+/// `book:account_registered(username, now)` → true; notes an account registered without
+/// an invite (an account the tree knows as registered is left as it is).
+fn account_registered(
+    lua: &Lua,
+    book: &LuaBook,
+    (username, now): (Value, Value),
+) -> mlua::Result<MultiValue> {
+    for_account(
+        lua,
+        book,
+        "account_registered",
+        (username, now),
+        |b, u, now| b.account_registered(u, now).map(|()| true),
+    )
+}
+
+/// The methods taking `(username, now)`: their arguments checked as `method`'s, then
+/// `op`'s answer, or `nil, error`.
+fn for_account<T: IntoLuaMulti>(
+    lua: &Lua,
+    book: &LuaBook,
+    method: &str,
+    (username, now): (Value, Value),
+    op: impl FnOnce(&Book<LuaBackend>, &str, i64) -> Result<T, InviteError>,
+) -> mlua::Result<MultiValue> {
+    let Text(username) = arg(lua, username, 1, method)?;
+    let Integer(now) = arg(lua, now, 2, method)?;
+    guarded(lua, book, method, || match op(&book.0, &username, now) {
+        Ok(answer) => success(lua, answer),
+        Err(e) => failure(lua, e),
+    })
+}
+
+/// `book:account_deleted(username, now)` → how many of its invites were revoked; the
+/// account stays in the tree, marked deleted.
+fn account_deleted(
+    lua: &Lua,
+    book: &LuaBook,
+    (username, now): (Value, Value),
+) -> mlua::Result<MultiValue> {
+    for_account(
+        lua,
+        book,
+        "account_deleted",
+        (username, now),
+        |b, u, now| b.account_deleted(u, now),
+    )
+}
+
+/// `book:revoke_by(username, now)` → how many invites still to be had that `username` made
+/// (or that are contact invites to it) were revoked.
+fn revoke_by(
+    lua: &Lua,
+    book: &LuaBook,
+    (username, now): (Value, Value),
+) -> mlua::Result<MultiValue> {
+    for_account(lua, book, "revoke_by", (username, now), |b, u, now| {
+        b.revoke_by(u, now)
+    })
+}
+
+/// `book:charge(username, rule, now)` → true, the invite about to be made counted against
+/// the account's quota; or `nil, "too-soon" | "quota-exceeded", retry_at` (the time it may,
+/// nil if never under this rule). `rule` is `{ limit = <integer ≥ 0>?, period = <seconds
+/// ≥ 1>?, wait = <seconds ≥ 0>? }`.
+fn charge(
+    lua: &Lua,
+    book: &LuaBook,
+    (username, rule, now): (Value, Value, Value),
+) -> mlua::Result<MultiValue> {
+    let Text(username) = arg(lua, username, 1, "charge")?;
+    let TableArg(rule) = arg(lua, rule, 2, "charge")?;
+    let Integer(now) = arg(lua, now, 3, "charge")?;
+    let RuleSpec(rule) = arg(lua, Value::Table(rule), 2, "charge")?;
+    guarded(lua, book, "charge", || {
+        match book.0.charge(&username, &rule, now) {
+            Ok(()) => success(lua, true),
+            Err(refusal) => {
+                (Value::Nil, refusal.error.name(), refusal.retry_at).into_lua_multi(lua)
+            }
         }
     })
 }
@@ -1499,7 +1848,7 @@ mod tests {
         assert!(create("additional_data = { f = print }").starts_with(
             "bad field 'additional_data' in argument to 'create' (plain data expected: "
         ));
-        let InviteSpec(new) = arg(&lua, spec("max_uses = 3.0, reusable = true")?, 1, "create")?;
+        let InviteSpec(new, _) = arg(&lua, spec("max_uses = 3.0, reusable = true")?, 1, "create")?;
         assert_eq!((new.max_uses, new.reusable, new.ttl), (Some(3), true, 60));
 
         // A claim's holder and username are named as the argument, its other fields as fields.
@@ -1602,6 +1951,292 @@ mod tests {
         assert!(!pruned);
         assert_eq!(revoked, "token-invalid");
         assert!(name.starts_with("Book: "), "{name}");
+        Ok(())
+    }
+
+    /// A book over in-Lua stores that can be walked (`users`), with the invite tree's store
+    /// if `with_accounts`; its log lines go to the global `lines`.
+    fn governed_book(lua: &Lua, with_accounts: bool) -> mlua::Result<()> {
+        lua.globals().set("core", exports(lua)?)?;
+        lua.globals().set("with_accounts", with_accounts)?;
+        lua.load(
+            r#"
+            lines = {}
+            now = 1700000000
+            local function memory()
+                local data = {}
+                return {
+                    get = function (_, owner) return data[owner] end;
+                    set = function (_, owner, value) data[owner] = value; return true end;
+                    users = function () return next, data, nil end;
+                }
+            end
+            accounts = {}
+            book = core.new({ host = "example.com", invites = memory(), names = memory(),
+                accounts = with_accounts and memory() or nil,
+                account_exists = function (username) return accounts[username] == true end,
+                log = function (level, message) lines[#lines + 1] = level .. ": " .. message end })
+            function register(token, holder, username)
+                assert(book:reserve(token, { holder = holder, username = username,
+                    validated_at = now, lease_until = now + 60 }, "example.com", now))
+                accounts[username] = true
+                return assert(book:confirm(token, holder, "example.com", now))
+            end
+            "#,
+        )
+        .exec()
+    }
+
+    #[test]
+    fn invites_show_provenance_note_and_redemptions_and_the_tree_who_invited_whom(
+    ) -> mlua::Result<()> {
+        let lua = Lua::new();
+        governed_book(&lua, true)?;
+        let checks: Vec<String> = lua
+            .load(
+                r#"
+                local invite = assert(book:create({ type = "register", jid = "example.com",
+                    allow_registration = true, ttl = 3600, max_uses = 2, creator = "alice",
+                    source = "admin@example.com/res", note = "for the choir" }, now))
+                local confirmed = register(invite.token, "h1", "bob")
+                local key = core.key_of(invite.token)
+                local listed = book:listed(key, now, false)
+                local r = listed.redemptions
+                local bob, alice = book:account("bob"), book:account("alice")
+                return {
+                    listed.creator, listed.source, listed.note,
+                    tostring(#r), r[1].account, tostring(r[1].at == now), tostring(r[1].reset),
+                    tostring(#confirmed.redemptions),
+                    bob.username, bob.by, bob.source, tostring(bob.invite == invite.id),
+                    tostring(bob.registered == now), tostring(bob.deleted),
+                    table.concat(alice.invited, ","), tostring(alice.registered),
+                    tostring(book:account("nobody")),
+                }
+                "#,
+            )
+            .eval()?;
+        assert_eq!(
+            checks,
+            [
+                "alice",
+                "admin@example.com/res",
+                "for the choir",
+                "1",
+                "bob",
+                "true",
+                "false",
+                "1",
+                "bob",
+                "alice",
+                "admin@example.com/res",
+                "true",
+                "true",
+                "nil",
+                "bob",
+                "nil",
+                "nil",
+            ]
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn edit_and_its_refusals_through_lua() -> mlua::Result<()> {
+        let lua = Lua::new();
+        governed_book(&lua, true)?;
+        let answers: Vec<String> = lua
+            .load(
+                r#"
+                local function answer(...)
+                    local a, b = ...
+                    if type(a) == "table" then
+                        return ("%s %s/%s %s"):format(a.status, a.uses, tostring(a.max_uses),
+                            tostring(a.note))
+                    end
+                    return tostring(a) .. " " .. tostring(b)
+                end
+                local invite = assert(book:create({ type = "register", jid = "example.com",
+                    allow_registration = true, ttl = 3600 }, now))
+                local key = core.key_of(invite.token)
+                assert(book:reserve(invite.token, { holder = "a", username = "alice",
+                    validated_at = now, lease_until = now + 60 }, "example.com", now))
+                local bound = assert(book:create({ type = "register", jid = "zed@example.com",
+                    allow_registration = true, ttl = 3600, username = "zed" }, now))
+                return {
+                    answer(book:edit(key, { max_uses = 3, note = "three" }, now)),
+                    answer(book:edit(key, { note = false }, now)),
+                    answer(book:edit(key, { max_uses = 1 }, now)),
+                    answer(book:edit(key, { expires = now }, now)),
+                    answer(book:edit(key, {}, now + 3601)),
+                    answer(book:edit(key, { expires = now + 7200 }, now + 3601)),
+                    answer(book:edit(core.key_of(bound.token), { max_uses = 2 }, now)),
+                    answer(book:edit("zz", {}, now)),
+                    answer(book:edit(("0"):rep(64), {}, now)),
+                }
+                "#,
+            )
+            .eval()?;
+        assert_eq!(
+            answers,
+            [
+                "pending 0/3 three",
+                "pending 0/3 nil",
+                // One use is held: one in all leaves none to take.
+                "reserved 0/1 nil",
+                "nil invalid-expiry",
+                "nil token-expired",
+                "pending 0/1 nil",
+                "nil single-account",
+                "nil no-such-invite",
+                "nil no-such-invite",
+            ]
+        );
+        // Revived past the held use's lease: it lapsed, the use came back.
+        Ok(())
+    }
+
+    #[test]
+    fn charge_deleted_and_revoke_by_through_lua() -> mlua::Result<()> {
+        let lua = Lua::new();
+        governed_book(&lua, true)?;
+        let answers: Vec<String> = lua
+            .load(
+                r#"
+                local function answer(...)
+                    return table.concat({ tostring((select(1, ...))), tostring((select(2, ...))),
+                        tostring((select(3, ...))) }, " ")
+                end
+                local rule = { limit = 1, period = 86400, wait = 3600 }
+                local out = {
+                    answer(book:charge("alice", rule, now)),
+                    answer(book:charge("alice", rule, now + 1)),
+                    answer(book:charge("alice", { limit = 0 }, now)),
+                    answer(book:charge("alice", {}, now)),
+                    -- Both charges at `now` given back (the last one counted with no rule).
+                    answer(book:refund("alice", now)),
+                    answer(book:refund("alice", now)),
+                    answer(book:charge("alice", rule, now + 2)),
+                }
+                assert(book:account_registered("newbie", now))
+                out[#out + 1] = answer(book:charge("newbie", rule, now + 10))
+                for _ = 1, 2 do
+                    assert(book:create({ type = "register", jid = "example.com", ttl = 3600,
+                        allow_registration = true, creator = "alice" }, now))
+                end
+                assert(book:create({ type = "roster", jid = "bob@example.com", ttl = 3600,
+                    inviter = "bob" }, now))
+                out[#out + 1] = answer(book:revoke_by("bob", now))
+                out[#out + 1] = answer(book:account_deleted("alice", now))
+                out[#out + 1] = answer(book:account_deleted("alice", now))
+                out[#out + 1] = tostring(book:account("alice").deleted == now)
+                return out
+                "#,
+            )
+            .eval()?;
+        assert_eq!(
+            answers,
+            [
+                "true nil nil",
+                "nil quota-exceeded 1700086400",
+                "nil quota-exceeded nil",
+                "true nil nil",
+                "true nil nil",
+                "true nil nil",
+                "true nil nil",
+                "nil too-soon 1700003600",
+                "1 nil nil",
+                "2 nil nil",
+                "0 nil nil",
+                "true",
+            ]
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn without_an_accounts_store_the_tree_is_empty_and_logs_nothing() -> mlua::Result<()> {
+        let lua = Lua::new();
+        governed_book(&lua, false)?;
+        let (answers, lines): (Vec<String>, Vec<String>) = lua
+            .load(
+                r#"
+                local invite = assert(book:create({ type = "register", jid = "example.com",
+                    allow_registration = true, ttl = 3600, creator = "alice" }, now))
+                register(invite.token, "h", "bob")
+                local second = assert(book:create({ type = "register", jid = "example.com",
+                    allow_registration = true, ttl = 3600, creator = "alice" }, now))
+                local out = {
+                    tostring(book:account("bob")),
+                    tostring(book:account_registered("carol", now)),
+                    tostring(book:charge("alice", { limit = 1, period = 60 }, now)),
+                    tostring(book:charge("alice", { limit = 1, period = 60 }, now)),
+                    tostring(book:account_deleted("alice", now)),
+                    assert(book:get(invite.token, nil, "example.com", now) == nil) and "used" or "?",
+                }
+                return out, lines
+                "#,
+            )
+            .eval()?;
+        assert_eq!(answers, ["nil", "true", "true", "true", "1", "used"]);
+        assert!(lines.iter().all(|l| l.starts_with("debug: ")), "{lines:?}");
+        Ok(())
+    }
+
+    #[test]
+    fn governance_arguments_name_the_field_that_is_wrong() -> mlua::Result<()> {
+        let lua = Lua::new();
+        governed_book(&lua, true)?;
+        let messages: Vec<String> = lua
+            .load(
+                r#"
+                local function raised(...)
+                    local ok, e = pcall(...)
+                    return ok and "accepted" or tostring(e):match("^[^\n]*")
+                end
+                local spec = function (extra)
+                    local t = { type = "register", jid = "example.com", ttl = 60 }
+                    for k, v in pairs(extra) do t[k] = v end
+                    return t
+                end
+                local key = core.key_of(assert(book:create(spec({}), now)).token)
+                return {
+                    raised(book.create, book, spec({ source = ("s"):rep(257) }), now),
+                    raised(book.create, book, spec({ source = ("s"):rep(256) }), now),
+                    raised(book.create, book, spec({ note = ("n"):rep(1025) }), now),
+                    raised(book.prepare, book, spec({ creator = 5 }), now),
+                    raised(book.create, book, spec({ creator = "" }), now),
+                    raised(book.edit, book, key, { note = true }, now),
+                    raised(book.edit, book, key, { max_uses = 0 }, now),
+                    raised(book.edit, book, key, { expires = "soon" }, now),
+                    raised(book.edit, book, key, nil, now),
+                    raised(book.charge, book, "alice", { limit = -1 }, now),
+                    raised(book.charge, book, "alice", { period = 0 }, now),
+                    raised(book.charge, book, "alice", { wait = 1.5 }, now),
+                    raised(book.account_deleted, book, nil, now),
+                    raised(book.confirm, book, "t", "h", "example.com", now, 5),
+                }
+                "#,
+            )
+            .eval()?;
+        assert_eq!(
+            messages,
+            [
+                "runtime error: bad field 'source' in argument to 'create' (string of at most 256 bytes expected, got 257 bytes)",
+                "accepted",
+                "runtime error: bad field 'note' in argument to 'create' (string of at most 1024 bytes expected, got 1025 bytes)",
+                "runtime error: bad field 'creator' in argument to 'prepare' (string or nil expected, got integer)",
+                "runtime error: bad field 'creator' in argument to 'create' (non-empty string or nil expected)",
+                "runtime error: bad field 'note' in argument to 'edit' (string, false or nil expected, got boolean)",
+                "runtime error: bad field 'max_uses' in argument to 'edit' (positive integer expected)",
+                "runtime error: bad field 'expires' in argument to 'edit' (integer or nil expected, got string)",
+                "runtime error: bad argument #2 to 'edit' (table expected, got nil)",
+                "runtime error: bad field 'limit' in argument to 'charge' (integer from 0 to 4294967295 or nil expected)",
+                "runtime error: bad field 'period' in argument to 'charge' (integer of at least 1 or nil expected)",
+                "runtime error: bad field 'wait' in argument to 'charge' (integer or nil expected, got number)",
+                "runtime error: bad argument #1 to 'account_deleted' (string expected, got nil)",
+                "runtime error: bad argument #5 to 'confirm' (string or nil expected, got integer)",
+            ]
+        );
         Ok(())
     }
 }

@@ -6,8 +6,13 @@
 //!   one record per invite, so no operation touches other invites.
 //! - store `invites_by_username`: owner = a username an invite is bound to,
 //!   value = `{ record = JSON }` listing the keys of invites that reserve that name.
+//! - store `invite_accounts`: owner = a local username, value = `{ record = JSON }`: the
+//!   account's entry in the invite tree (who invited it, whom it invited) and the creation
+//!   times of its invites, for quotas.
 //!
-//! The token is never part of either. Records carry a version so later layouts can migrate.
+//! The token is never part of any. Records carry a version so later layouts can migrate;
+//! fields added since are optional, and left out of the JSON while empty, so records
+//! written before and after they were added read alike.
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -16,6 +21,14 @@ use crate::token::{Token, TokenHash, HASH_TAG};
 use crate::uri::escape_token;
 
 pub const RECORD_VERSION: u32 = 1;
+
+/// Longest `source` an invite keeps, in bytes.
+pub const MAX_SOURCE_LEN: usize = 256;
+/// Longest `note` an invite keeps, in bytes.
+pub const MAX_NOTE_LEN: usize = 1024;
+/// Redemptions an invite keeps, the newest: an invite for any number of accounts would
+/// otherwise grow with each. The account tree keeps every account's invite all the same.
+pub const MAX_REDEMPTIONS: usize = 1000;
 
 /// What the invite grants: an account (`register`) or a contact (`roster`), as Prosody names them.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
@@ -52,6 +65,23 @@ pub struct Reservation {
     /// lapsed, the server stopped between creating it and confirming, and the use is spent.
     #[serde(default)]
     pub username: Option<String>,
+}
+
+/// One use of an invite, redeemed.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Redemption {
+    /// The account created, or whose password was reset; for a use the caller named nobody
+    /// for (another module's `use()`), none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub account: Option<String>,
+    pub at: i64,
+    /// A password reset, not a new account.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub reset: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -94,6 +124,18 @@ pub struct InviteRecord {
     /// The landing page `invite-created` handlers gave the invite, without its token.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub landing_page: Option<LandingPage>,
+    /// The local account (a username) on whose behalf the invite was made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub creator: Option<String>,
+    /// Where it was made, as free text: `prosodyctl`, `shell`, an admin's JID.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    /// An administrator's note.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+    /// The uses redeemed, oldest first (at most `MAX_REDEMPTIONS`, the newest).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub redemptions: Vec<Redemption>,
 }
 
 /// A landing page URL kept without its token: the text around each place the token stood,
@@ -178,6 +220,21 @@ impl InviteRecord {
             .map_or(self.jid.as_str(), |(_, domain)| domain)
     }
 
+    /// The local account an account made with this invite was invited by: its creator, or
+    /// for a contact invite made before invites had creators, the user it is a contact of.
+    pub fn invited_by(&self) -> Option<&str> {
+        self.creator.as_deref().or(match self.kind {
+            InviteKind::Roster => self.inviter.as_deref(),
+            InviteKind::Register => None,
+        })
+    }
+
+    /// Whether the invite is `username`'s: made by them, or a contact invite to them.
+    pub fn is_from(&self, username: &str) -> bool {
+        self.creator.as_deref() == Some(username)
+            || (self.kind == InviteKind::Roster && self.inviter.as_deref() == Some(username))
+    }
+
     /// Uses this invite allows in total; `None` = unlimited until expiry.
     pub fn use_limit(&self) -> Option<u32> {
         match (self.max_uses, self.reusable) {
@@ -211,6 +268,80 @@ impl NameIndex {
     }
 }
 
+/// Where an account's entry is kept: not under the bare username, because Prosody purges
+/// every record kept under a deleted account's username (after `user-deleted`), and the
+/// entry outlives the account so that the tree keeps its place.
+const ENTRY_KEY_PREFIX: &str = "account:";
+
+/// The store key of `username`'s entry in the invite tree.
+pub fn entry_key(username: &str) -> String {
+    format!("{ENTRY_KEY_PREFIX}{username}")
+}
+
+/// The username an entry's store key names, if it is one.
+pub fn username_of_entry_key(key: &str) -> Option<&str> {
+    key.strip_prefix(ENTRY_KEY_PREFIX).filter(|u| !u.is_empty())
+}
+
+/// A local account's entry in the invite tree, kept under [`entry_key`] of its username.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+pub struct AccountEntry {
+    pub v: u32,
+    /// The account that invited it (the creator of its invite).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<String>,
+    /// Where its invite was made (the invite's `source`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    /// The id of the invite it registered with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub invite: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registered: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deleted: Option<i64>,
+    /// The accounts registered with its invites, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub invited: Vec<String>,
+    /// When it made its recent invites, for quotas (see `quota.rs`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub created: Vec<i64>,
+}
+
+impl AccountEntry {
+    pub fn new() -> AccountEntry {
+        AccountEntry {
+            v: RECORD_VERSION,
+            ..AccountEntry::default()
+        }
+    }
+
+    pub fn encode(&self) -> String {
+        serde_json::to_string(self).unwrap_or_else(|_| String::from("!"))
+    }
+
+    pub fn decode(text: &str) -> Result<AccountEntry, DecodeError> {
+        let entry: AccountEntry = serde_json::from_str(text)
+            .map_err(|e| DecodeError(format!("not a valid account entry: {e}")))?;
+        if entry.v != RECORD_VERSION {
+            return Err(DecodeError(format!(
+                "unknown account entry version {}",
+                entry.v
+            )));
+        }
+        Ok(entry)
+    }
+
+    /// Notes that `child` registered with one of this account's invites (once).
+    pub fn add_invited(&mut self, child: &str) -> bool {
+        if self.invited.iter().any(|c| c == child) {
+            return false;
+        }
+        self.invited.push(child.to_owned());
+        true
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -237,6 +368,10 @@ pub(crate) mod tests {
             inviter: None,
             sealed_token: None,
             landing_page: None,
+            creator: None,
+            source: None,
+            note: None,
+            redemptions: Vec::new(),
         }
     }
 
@@ -282,6 +417,85 @@ pub(crate) mod tests {
         assert_eq!(r.use_limit(), None);
         r.max_uses = Some(5);
         assert_eq!(r.use_limit(), Some(5));
+    }
+
+    #[test]
+    fn provenance_note_and_redemptions_round_trip_and_stay_out_while_empty() {
+        let token = Token::parse("t").unwrap();
+        let hash = token.hash();
+        let plain = sample(&token).encode();
+        for field in ["creator", "source", "note", "redemptions"] {
+            assert!(!plain.contains(field), "{plain}");
+        }
+        let mut r = sample(&token);
+        r.creator = Some(String::from("alice"));
+        r.source = Some(String::from("admin@example.com/res"));
+        r.note = Some(String::from("for the choir"));
+        r.redemptions = vec![
+            Redemption {
+                account: Some(String::from("bob")),
+                at: 1500,
+                reset: false,
+            },
+            Redemption {
+                account: None,
+                at: 1600,
+                reset: true,
+            },
+        ];
+        let text = r.encode();
+        assert!(text.contains(r#"{"account":"bob","at":1500}"#), "{text}");
+        assert!(text.contains(r#"{"at":1600,"reset":true}"#), "{text}");
+        assert_eq!(InviteRecord::decode(&text, &hash).unwrap(), r);
+    }
+
+    #[test]
+    fn a_record_written_before_provenance_still_reads() {
+        let token = Token::parse("t").unwrap();
+        let old = format!(
+            r#"{{"v":1,"hash":"{}","type":"register","jid":"example.com",
+            "allow_registration":true,"additional_data":null,"created_at":1000,
+            "expires":2000,"reusable":false,"max_uses":null,"uses":1,"state":"used",
+            "changed_at":1500,"reservations":[],"username":null,"reset":null,"inviter":null}}"#,
+            token.hash().tagged()
+        );
+        let r = InviteRecord::decode(&old, &token.hash()).unwrap();
+        assert_eq!((r.creator, r.source, r.note), (None, None, None));
+        assert!(r.redemptions.is_empty());
+    }
+
+    #[test]
+    fn who_invited_and_whose_invite_it_is() {
+        let token = Token::parse("t").unwrap();
+        let mut r = sample(&token);
+        assert_eq!(r.invited_by(), None);
+        r.inviter = Some(String::from("romeo"));
+        // An account invite's inviter field means nothing.
+        assert_eq!(r.invited_by(), None);
+        assert!(!r.is_from("romeo"));
+        r.kind = InviteKind::Roster;
+        assert_eq!(r.invited_by(), Some("romeo"));
+        assert!(r.is_from("romeo"));
+        r.creator = Some(String::from("admin"));
+        assert_eq!(r.invited_by(), Some("admin"));
+        assert!(r.is_from("admin") && r.is_from("romeo") && !r.is_from("juliet"));
+    }
+
+    #[test]
+    fn account_entries_round_trip_and_refuse_other_versions() {
+        let empty = AccountEntry::new();
+        assert_eq!(empty.encode(), r#"{"v":1}"#);
+        assert_eq!(AccountEntry::decode(r#"{"v":1}"#).unwrap(), empty);
+        let mut e = AccountEntry::new();
+        e.by = Some(String::from("alice"));
+        e.invite = Some(String::from("0123456789"));
+        e.registered = Some(1000);
+        assert!(e.add_invited("bob"));
+        assert!(!e.add_invited("bob"));
+        e.created = vec![900, 950];
+        assert_eq!(AccountEntry::decode(&e.encode()).unwrap(), e);
+        assert!(AccountEntry::decode(r#"{"v":2}"#).is_err());
+        assert!(AccountEntry::decode("[]").is_err());
     }
 
     #[test]

@@ -9,9 +9,18 @@
 //! exists (`user-registered`).
 //! A registration that fails in between `release`s its reservation, so the use is not spent;
 //! a reservation nobody confirms or releases (a crash) lapses at its `until` time.
+//! Every use redeemed is noted on the invite as a redemption, with the account it was for.
+//!
+//! An administrator may `edit` an invite that is still to be had: its expiry, its number of
+//! uses, its note. An invite that only ran out of time may be given a new expiry (it is
+//! pending again); nothing revives an invite that is used up or revoked.
+
+use std::num::NonZeroU32;
 
 use crate::error::InviteError;
-use crate::record::{InviteRecord, Reservation, StoredState};
+use crate::record::{
+    InviteKind, InviteRecord, Redemption, Reservation, StoredState, MAX_REDEMPTIONS,
+};
 
 /// Lifecycle state as an administrator sees it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -49,6 +58,17 @@ pub struct Claim<'a> {
     pub validated_at: i64,
     /// When the reservation lapses if neither confirmed nor released.
     pub lease_until: i64,
+}
+
+/// What an administrator changes on an invite (`Book::edit`); `None` leaves a field as it is.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Edit {
+    /// A new expiry time; it must be in the future.
+    pub expires: Option<i64>,
+    /// Accounts the invite may create in total.
+    pub max_uses: Option<NonZeroU32>,
+    /// A new note (`Some(None)` removes it).
+    pub note: Option<Option<String>>,
 }
 
 impl InviteRecord {
@@ -115,12 +135,13 @@ impl InviteRecord {
                 .into_iter()
                 .partition(|r| r.until < now && Some(r.holder.as_str()) != except_holder);
         self.reservations = kept;
-        for r in &lapsed {
+        let changed = !lapsed.is_empty();
+        for r in lapsed {
             if r.username.as_deref().is_some_and(&mut *account_exists) {
-                self.redeem_one(now);
+                self.redeem_one(now, r.username);
             }
         }
-        !lapsed.is_empty()
+        changed
     }
 
     /// Holds one use for a registration about to happen.
@@ -185,10 +206,25 @@ impl InviteRecord {
     /// otherwise `token-used` tells the caller an account was created the invite no
     /// longer covered.
     pub fn confirm(&mut self, holder: &str, now: i64) -> Result<(), InviteError> {
+        self.confirm_for(holder, None, now)
+    }
+
+    /// `confirm`, naming the account registered (or reset) where the reservation does not
+    /// (it lapsed and was dropped, or was made before reservations named their account).
+    pub fn confirm_for(
+        &mut self,
+        holder: &str,
+        account: Option<&str>,
+        now: i64,
+    ) -> Result<(), InviteError> {
         let held = self.reservations.iter().position(|r| r.holder == holder);
+        let mut account = account.map(str::to_owned);
         match held {
             Some(i) => {
-                self.reservations.remove(i);
+                let reservation = self.reservations.remove(i);
+                if reservation.username.is_some() {
+                    account = reservation.username;
+                }
             }
             None => {
                 self.prune_reservations(now);
@@ -201,7 +237,7 @@ impl InviteRecord {
                 }
             }
         }
-        self.redeem_one(now);
+        self.redeem_one(now, account);
         Ok(())
     }
 
@@ -214,6 +250,11 @@ impl InviteRecord {
 
     /// Redeems a use without a reservation (`invite:use()`, XEP-0379 subscriptions).
     pub fn redeem(&mut self, now: i64) -> Result<(), InviteError> {
+        self.redeem_by(None, now)
+    }
+
+    /// `redeem`, naming the account the use is for (a password reset names its own).
+    pub fn redeem_by(&mut self, account: Option<&str>, now: i64) -> Result<(), InviteError> {
         self.prune_reservations(now);
         self.check_valid(now)?;
         if self
@@ -222,7 +263,7 @@ impl InviteRecord {
         {
             return Err(InviteError::TokenUsed);
         }
-        self.redeem_one(now);
+        self.redeem_one(now, account.map(str::to_owned));
         Ok(())
     }
 
@@ -233,8 +274,92 @@ impl InviteRecord {
         self.changed_at = Some(now);
     }
 
-    fn redeem_one(&mut self, now: i64) {
+    /// Applies an administrator's changes, or refuses them all: `token-revoked`,
+    /// `token-used` (nothing revives those), `invalid-expiry` (not in the future),
+    /// `token-expired` (an expired invite changes only with a new expiry), `single-account`
+    /// (more than one use for an invite that makes one account), `uses-below-taken` (fewer
+    /// uses than redeemed and held by registrations in flight).
+    pub fn edit(&mut self, edit: &Edit, now: i64) -> Result<(), InviteError> {
+        let status = self.status(now);
+        match status {
+            Status::Revoked => return Err(InviteError::TokenRevoked),
+            Status::Used => return Err(InviteError::TokenUsed),
+            Status::Expired | Status::Pending | Status::Reserved => {}
+        }
+        if edit.expires.is_some_and(|expires| expires <= now) {
+            return Err(InviteError::InvalidExpiry);
+        }
+        if status == Status::Expired && edit.expires.is_none() {
+            return Err(InviteError::TokenExpired);
+        }
+        if let Some(max_uses) = edit.max_uses {
+            let max_uses = max_uses.get();
+            if max_uses > 1 && self.makes_one_account() {
+                return Err(InviteError::SingleAccount);
+            }
+            if max_uses < self.uses.saturating_add(self.active_reservations(now)) {
+                return Err(InviteError::UsesBelowTaken);
+            }
+        }
+        if let Some(expires) = edit.expires {
+            self.expires = expires;
+        }
+        if let Some(max_uses) = edit.max_uses {
+            self.max_uses = Some(max_uses.get());
+            self.reusable = max_uses.get() > 1;
+            self.mark_if_exhausted(now);
+        }
+        if let Some(note) = &edit.note {
+            self.note.clone_from(note);
+            self.mirror_note_in_additional_data();
+        }
+        Ok(())
+    }
+
+    /// mod_http_admin_api keeps an invite's note in `additional_data.note` and lists it from
+    /// there: an edited note lands there too (where `additional_data` is an object or absent).
+    fn mirror_note_in_additional_data(&mut self) {
+        let data = self
+            .additional_data
+            .get_or_insert_with(|| serde_json::Value::Object(serde_json::Map::new()));
+        let Some(object) = data.as_object_mut() else {
+            return;
+        };
+        match &self.note {
+            Some(note) => {
+                object.insert(String::from("note"), serde_json::Value::from(note.as_str()));
+            }
+            None => {
+                object.remove("note");
+            }
+        }
+        if object.is_empty() {
+            self.additional_data = None;
+        }
+    }
+
+    /// Invites for one account whatever their number of uses says: bound to a username, a
+    /// password reset, or a contact invite (made for one contact).
+    fn makes_one_account(&self) -> bool {
+        self.username.is_some() || self.reset.is_some() || self.kind == InviteKind::Roster
+    }
+
+    fn redeem_one(&mut self, now: i64, account: Option<String>) {
         self.uses = self.uses.saturating_add(1);
+        let reset = self.reset.is_some();
+        self.redemptions.push(Redemption {
+            account: if reset { self.reset.clone() } else { account },
+            at: now,
+            reset,
+        });
+        if self.redemptions.len() > MAX_REDEMPTIONS {
+            let over = self.redemptions.len() - MAX_REDEMPTIONS;
+            self.redemptions.drain(..over);
+        }
+        self.mark_if_exhausted(now);
+    }
+
+    fn mark_if_exhausted(&mut self, now: i64) {
         if self.state == StoredState::Pending && self.exhausted() {
             self.state = StoredState::Used;
             self.changed_at = Some(now);
@@ -478,5 +603,224 @@ mod tests {
         r.redeem(1500).unwrap();
         assert_eq!(r.confirm("ghost", 1500), Err(InviteError::TokenUsed));
         assert_eq!(r.uses, 1);
+    }
+
+    fn accounts(r: &InviteRecord) -> Vec<(Option<&str>, bool)> {
+        r.redemptions
+            .iter()
+            .map(|x| (x.account.as_deref(), x.reset))
+            .collect()
+    }
+
+    #[test]
+    fn every_redeemed_use_names_its_account() {
+        let mut r = record();
+        r.max_uses = Some(4);
+        // Held: the reservation names the account, whatever the caller says.
+        r.reserve(&claim("a", "alice"), 1500).unwrap();
+        r.confirm_for("a", Some("mallory"), 1501).unwrap();
+        // Not held (lapsed and dropped): the caller names it, or nobody does.
+        r.confirm_for("gone", Some("bob"), 1502).unwrap();
+        r.confirm("ghost", 1503).unwrap();
+        r.redeem_by(Some("carol"), 1504).unwrap();
+        assert_eq!(
+            accounts(&r),
+            [
+                (Some("alice"), false),
+                (Some("bob"), false),
+                (None, false),
+                (Some("carol"), false)
+            ]
+        );
+        assert_eq!(r.redemptions[0].at, 1501);
+        assert_eq!(r.uses as usize, r.redemptions.len());
+    }
+
+    #[test]
+    fn a_reset_is_redeemed_for_its_own_account() {
+        let mut r = record();
+        r.username = Some(String::from("alice"));
+        r.reset = Some(String::from("alice"));
+        let mut existing = claim("a", "alice");
+        existing.account_exists = true;
+        r.reserve(&existing, 1500).unwrap();
+        r.confirm_for("a", Some("mallory"), 1501).unwrap();
+        assert_eq!(accounts(&r), [(Some("alice"), true)]);
+        let mut r2 = record();
+        r2.reset = Some(String::from("bob"));
+        r2.redeem_by(None, 1500).unwrap();
+        assert_eq!(accounts(&r2), [(Some("bob"), true)]);
+    }
+
+    #[test]
+    fn a_lapsed_reservation_whose_account_exists_is_a_redemption() {
+        let mut r = record();
+        r.reserve(&claim("a", "alice"), 1500).unwrap();
+        assert!(r.settle_lapsed(1601, None, &mut |_| true));
+        assert_eq!(accounts(&r), [(Some("alice"), false)]);
+        assert_eq!(r.redemptions[0].at, 1601);
+    }
+
+    #[test]
+    fn redemptions_keep_the_newest_while_uses_count_them_all() {
+        let mut r = record();
+        r.reusable = true;
+        let total = MAX_REDEMPTIONS + 5;
+        for i in 0..total {
+            r.redeem_by(Some(&format!("u{i}")), 1500).unwrap();
+        }
+        assert_eq!(r.uses as usize, total);
+        assert_eq!(r.redemptions.len(), MAX_REDEMPTIONS);
+        assert_eq!(r.redemptions[0].account.as_deref(), Some("u5"));
+    }
+
+    fn uses(n: u32) -> Option<NonZeroU32> {
+        NonZeroU32::new(n)
+    }
+
+    #[test]
+    fn edit_gives_a_single_use_invite_more_uses_while_one_is_held() {
+        let mut r = record();
+        r.reserve(&claim("a", "alice"), 1500).unwrap();
+        let three = Edit {
+            max_uses: uses(3),
+            ..Edit::default()
+        };
+        r.edit(&three, 1500).unwrap();
+        assert!(r.reusable);
+        r.reserve(&claim("b", "bob"), 1500).unwrap();
+        r.reserve(&claim("c", "carol"), 1500).unwrap();
+        assert_eq!(
+            r.reserve(&claim("d", "dave"), 1500),
+            Err(InviteError::TokenUsed)
+        );
+        for h in ["a", "b", "c"] {
+            r.confirm(h, 1501).unwrap();
+        }
+        assert_eq!((r.uses, r.status(1501)), (3, Status::Used));
+    }
+
+    #[test]
+    fn edit_refuses_fewer_uses_than_redeemed_and_held() {
+        let mut r = record();
+        r.max_uses = Some(3);
+        r.reserve(&claim("a", "alice"), 1500).unwrap();
+        r.reserve(&claim("b", "bob"), 1500).unwrap();
+        r.confirm("a", 1500).unwrap();
+        let to = |n| Edit {
+            max_uses: uses(n),
+            ..Edit::default()
+        };
+        assert_eq!(r.edit(&to(1), 1500), Err(InviteError::UsesBelowTaken));
+        assert_eq!(r.max_uses, Some(3));
+        r.edit(&to(2), 1500).unwrap();
+        assert_eq!(r.status(1500), Status::Reserved);
+        // A held use that lapsed is taken no more.
+        let mut r = record();
+        r.max_uses = Some(2);
+        r.redeem(1500).unwrap();
+        r.reserve(&claim("a", "alice"), 1500).unwrap();
+        r.edit(&to(1), 1601).unwrap();
+        // Exactly what is redeemed: the invite is used up, from now.
+        assert_eq!((r.state, r.changed_at), (StoredState::Used, Some(1601)));
+    }
+
+    #[test]
+    fn edit_revives_an_expired_invite_but_nothing_used_or_revoked() {
+        let later = Edit {
+            expires: Some(3000),
+            ..Edit::default()
+        };
+        let note = Edit {
+            note: Some(Some(String::from("n"))),
+            ..Edit::default()
+        };
+        let mut r = record();
+        assert_eq!(r.edit(&note, 2001), Err(InviteError::TokenExpired));
+        assert_eq!(
+            r.edit(
+                &Edit {
+                    expires: Some(2001),
+                    ..Edit::default()
+                },
+                2001
+            ),
+            Err(InviteError::InvalidExpiry)
+        );
+        r.edit(&later, 2001).unwrap();
+        assert_eq!(r.status(2001), Status::Pending);
+        r.edit(&note, 2001).unwrap();
+        assert_eq!(r.note.as_deref(), Some("n"));
+
+        let mut used = record();
+        used.redeem(1500).unwrap();
+        assert_eq!(used.edit(&later, 2001), Err(InviteError::TokenUsed));
+        assert_eq!(used.edit(&later, 1500), Err(InviteError::TokenUsed));
+        let mut revoked = record();
+        revoked.revoke(1500);
+        assert_eq!(revoked.edit(&later, 2001), Err(InviteError::TokenRevoked));
+        assert_eq!(revoked.expires, 2000);
+    }
+
+    #[test]
+    fn edit_keeps_one_account_invites_to_one_use() {
+        let more = Edit {
+            max_uses: uses(2),
+            ..Edit::default()
+        };
+        let one = Edit {
+            max_uses: uses(1),
+            ..Edit::default()
+        };
+        let mut bound = record();
+        bound.username = Some(String::from("alice"));
+        let mut reset = record();
+        reset.reset = Some(String::from("alice"));
+        let mut contact = record();
+        contact.kind = InviteKind::Roster;
+        for r in [&mut bound, &mut reset, &mut contact] {
+            assert_eq!(r.edit(&more, 1500), Err(InviteError::SingleAccount));
+            r.edit(&one, 1500).unwrap();
+            assert_eq!(r.use_limit(), Some(1));
+        }
+    }
+
+    #[test]
+    fn edit_sets_and_clears_the_note_and_an_unlimited_invite_gets_a_limit() {
+        let mut r = record();
+        r.reusable = true;
+        r.redeem(1500).unwrap();
+        r.edit(
+            &Edit {
+                max_uses: uses(5),
+                note: Some(Some(String::from("choir"))),
+                ..Edit::default()
+            },
+            1500,
+        )
+        .unwrap();
+        assert_eq!((r.use_limit(), r.note.as_deref()), (Some(5), Some("choir")));
+        // Where mod_http_admin_api reads an invite's note.
+        assert_eq!(
+            r.additional_data,
+            Some(serde_json::json!({ "note": "choir", "roles": { "prosody:admin": true } }))
+        );
+        r.edit(
+            &Edit {
+                note: Some(None),
+                ..Edit::default()
+            },
+            1500,
+        )
+        .unwrap();
+        assert_eq!(
+            (&r.note, &r.additional_data),
+            (
+                &None,
+                &Some(serde_json::json!({ "roles": { "prosody:admin": true } }))
+            )
+        );
+        // Nothing to change is no error on an invite that is still to be had.
+        r.edit(&Edit::default(), 1500).unwrap();
     }
 }

@@ -8,11 +8,14 @@ use std::collections::BTreeMap;
 
 use crate::error::StoreError;
 
-/// The two stores the core writes (see `record.rs` for what each holds).
+/// The stores the core writes (see `record.rs` for what each holds).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Space {
     Invites,
     Names,
+    /// The invite tree and quotas. A host may have none: then reads find nothing and
+    /// writes keep nothing.
+    Accounts,
 }
 
 /// Severity of a message the core wants the host to log.
@@ -40,6 +43,9 @@ pub trait Backend {
     fn get(&self, space: Space, owner: &str) -> Result<Option<String>, StoreError>;
     /// `None` removes the slot.
     fn put(&self, space: Space, owner: &str, value: Option<&str>) -> Result<(), StoreError>;
+    /// Calls `visit` with each owner of `space` until it says stop (returns false).
+    fn each_key(&self, space: Space, visit: &mut dyn FnMut(&str) -> bool)
+        -> Result<(), StoreError>;
     /// Log messages never contain tokens; the core guarantees that, not the backend.
     fn log(&self, level: Level, message: &str);
     /// Whether an account exists (to settle reservations a crash left behind).
@@ -52,6 +58,13 @@ impl<T: Backend + ?Sized> Backend for &T {
     }
     fn put(&self, space: Space, owner: &str, value: Option<&str>) -> Result<(), StoreError> {
         (**self).put(space, owner, value)
+    }
+    fn each_key(
+        &self,
+        space: Space,
+        visit: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<(), StoreError> {
+        (**self).each_key(space, visit)
     }
     fn log(&self, level: Level, message: &str) {
         (**self).log(level, message)
@@ -131,6 +144,28 @@ impl Backend for MemoryBackend {
             }
             None => {
                 slots.remove(&(space, owner.to_owned()));
+            }
+        }
+        Ok(())
+    }
+
+    fn each_key(
+        &self,
+        space: Space,
+        visit: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<(), StoreError> {
+        self.tick()?;
+        // A copy: the visitor may write to the store it walks.
+        let owners: Vec<String> = self
+            .slots
+            .borrow()
+            .keys()
+            .filter(|(s, _)| *s == space)
+            .map(|(_, owner)| owner.clone())
+            .collect();
+        for owner in &owners {
+            if !visit(owner) {
+                break;
             }
         }
         Ok(())

@@ -1,8 +1,8 @@
 -- Admin commands of mod_invites, loaded with module:require("admin").
 --
 -- One implementation of each command (`commands` below: create_account, create_reset,
--- create_contact, list, show, delete/revoke, prune), with its strings, driven by three thin
--- front ends:
+-- create_contact, list, show, edit, delete/revoke, tree, prune), with its strings, driven
+-- by three thin front ends:
 --   * Prosody 13's shell (`prosodyctl shell invite list example.com`): "shell-command" items;
 --   * Prosody 0.12's console (`invite:list("example.com")`): a shared console environment;
 --   * `prosodyctl mod_invites COMMAND HOST …` on both, with exit codes (0 done, 1 refused,
@@ -13,7 +13,9 @@
 -- Returns function (ctx) → front ends, where ctx gives what lives in mod_invites.lua:
 -- book() (the host's invite book), each_key() (the stored keys), parse_duration, prune,
 -- roles_for_invite, has_shell_items, user_exists(username) (an account of the host),
--- use_host(host) (point this instance at a host: prosodyctl).
+-- use_host(host) (point this instance at a host: prosodyctl), as_source(name, f, ...) (run
+-- f as an admin front end: its invites count as the admin's), each_account() (the host's
+-- usernames), each_account_entry() (the usernames the invite tree has an entry for).
 
 local jid_split = require "util.jid".split;
 local nodeprep = require "util.encodings".stringprep.nodeprep;
@@ -60,18 +62,30 @@ local already = { ["token-used"] = "used", ["token-revoked"] = "revoked", ["toke
 
 --- What the commands do
 
--- One line per invite; `all` includes used, expired and revoked ones. Streams the store
--- (a listing never holds every record); nil, err if the store fails.
-local function list_lines(all)
+-- The local username a --by JID names, or nil, error.
+local function creator_arg(by)
+	local node, host = jid_split(type(by) == "string" and by or "");
+	node = node and nodeprep(node);
+	if not node or node == "" or host ~= module.host then
+		return nil, ("--by needs the JID of an account of %s"):format(module.host);
+	end
+	return node;
+end
+
+-- One line per invite; `all` includes used, expired and revoked ones; `by`, only those
+-- created by that username. Streams the store (a listing never holds every record); nil,
+-- err if the store fails.
+local function list_lines(all, by)
 	local book, now = ctx.book(), os.time();
 	local row = "%-10s  %-8s  %-8s  %-16s  %-16s  %-11s  %s";
 	local lines = { row:format("ID", "TYPE", "STATUS", "CREATED (UTC)", "EXPIRES (UTC)", "USES", "FOR") };
 	local ok, err = pcall(function ()
 		for key in ctx.each_key() do
 			local invite = book:listed(key, now, false); -- the list shows no link: none opened
-			if invite and (all or invite.usable) then
+			if invite and (all or invite.usable) and (not by or invite.creator == by) then
+				local target = describe_target(invite)..(invite.note and ("; note: "..invite.note) or "");
 				table.insert(lines, row:format(invite.id, invite.type, invite.status, when(invite.created_at),
-					when(invite.expires), uses_text(invite), describe_target(invite)));
+					when(invite.expires), uses_text(invite), target));
 			end
 		end
 	end);
@@ -106,6 +120,22 @@ local function show_lines(ref)
 		"expires:     "..when(invite.expires).." UTC";
 		"uses:        "..uses_text(invite);
 	};
+	if invite.creator or invite.source then
+		local by = invite.creator and (invite.creator.."@"..module.host) or invite.source;
+		local via = invite.creator and invite.source and (" (via "..invite.source..")") or "";
+		table.insert(lines, "created by:  "..by..via);
+	end
+	if invite.note then
+		table.insert(lines, "note:        "..invite.note);
+	end
+	for _, redemption in ipairs(invite.redemptions or {}) do
+		local what = "used (a contact subscription)";
+		if redemption.account then
+			what = ("%s@%s %s"):format(redemption.account, module.host,
+				redemption.reset and "reset its password" or "signed up");
+		end
+		table.insert(lines, ("redeemed:    %s at %s UTC"):format(what, when(redemption.at)));
+	end
 	-- The one place a link is shown again: an admin asking for this invite.
 	if invite.uri then
 		table.insert(lines, "link:        "..invite.uri);
@@ -137,6 +167,125 @@ local function revoke(ref)
 		return nil, "Could not revoke: "..for_admin(revoke_err);
 	end
 	return true, "Revoked invite "..invite.id;
+end
+
+-- Every pending invite `by` created.
+local function revoke_by(by)
+	local username, err = creator_arg(by);
+	if not username then return nil, err, "usage"; end
+	local revoked, revoke_err = ctx.book():revoke_by(username, os.time());
+	if not revoked then return nil, "Could not revoke: "..for_admin(revoke_err); end
+	return true, ("Revoked %d pending invites created by %s"):format(revoked, by);
+end
+
+-- Edit errors as an admin reads them.
+local edit_texts = {
+	["token-used"] = "it is used up; nothing to change";
+	["token-revoked"] = "it is revoked; nothing to change";
+	["token-expired"] = "it has expired; give --expires-after to make it valid again";
+	["invalid-expiry"] = "the new expiry is not in the future";
+	["uses-below-taken"] = "--uses cannot go below the uses already taken or held";
+	["single-account"] = "--uses cannot exceed 1 on an invite for one account (bound, reset or contact)";
+};
+
+local function edit(ref, opts)
+	if ref == nil then return nil, "Please give an invite id (from 'list') or a token", "usage"; end
+	local key, err = resolve(ref);
+	if not key then return nil, err; end
+	local changes, now = {}, os.time();
+	if opts.expires_after ~= nil then
+		local seconds, duration_err = ctx.parse_duration(tostring(opts.expires_after));
+		if not seconds then return nil, "Invalid --expires-after: "..duration_err, "usage"; end
+		changes.expires = now + seconds;
+	end
+	if opts.uses ~= nil then
+		local n = tonumber(opts.uses);
+		if not n or n < 1 or n ~= math.floor(n) or n > 1e9 then
+			return nil, "--uses must be a whole number of at least 1", "usage";
+		end
+		changes.max_uses = math.floor(n);
+	end
+	if opts.note ~= nil then
+		local note = tostring(opts.note);
+		if #note > 1024 then return nil, "--note takes at most 1024 bytes", "usage"; end
+		changes.note = note ~= "" and note or false;
+	end
+	if next(changes) == nil then
+		return nil, "Nothing to change: give --expires-after, --uses or --note", "usage";
+	end
+	local invite, edit_err = ctx.book():edit(key, changes, now);
+	if not invite then
+		local why = edit_texts[edit_err];
+		return nil, why and ("Invite %s not changed: %s"):format(key:sub(-10), why) or ("Could not edit: "..for_admin(edit_err));
+	end
+	return true, ("Invite %s: %s, expires %s UTC, uses %s%s"):format(invite.id, invite.status, when(invite.expires),
+		uses_text(invite), invite.note and (", note: "..invite.note) or "");
+end
+
+--- The invite tree: who invited whom, printed as it is walked (depth first; memory grows
+-- with the depth and one account's invitees, not with the number of accounts).
+
+local max_depth = 10000; -- a damaged store cannot loop the walk
+
+local function tree_line(entry, username, depth)
+	local marks = {};
+	-- Marked when the server saw it go; an account removed behind its back (0.12's
+	-- prosodyctl deluser) is gone all the same.
+	if entry and (entry.deleted or not ctx.user_exists(username)) then table.insert(marks, "deleted"); end
+	if entry and entry.invited and entry.invited[1] then
+		table.insert(marks, ("invited %d"):format(#entry.invited));
+	end
+	if depth == 0 and entry and entry.by then
+		table.insert(marks, "invited by "..entry.by.."@"..module.host);
+	end
+	return ("%s%s@%s  (depth %d%s)"):format(("  "):rep(depth), username, module.host, depth,
+		marks[1] and ", "..table.concat(marks, ", ") or "");
+end
+
+-- Prints `username` and everyone below it; returns how many accounts it printed and the
+-- deepest depth reached.
+local function walk(print, book, username, depth)
+	local entry = book:account(username);
+	print(tree_line(entry, username, depth));
+	local count, deepest = 1, depth;
+	if entry and entry.invited and depth < max_depth then
+		for _, child in ipairs(entry.invited) do
+			local n, d = walk(print, book, child, depth + 1);
+			count, deepest = count + n, math.max(deepest, d);
+		end
+	end
+	return count, deepest;
+end
+
+local function tree(print, from)
+	local book = ctx.book();
+	local count, deepest, roots = 0, 0, 0;
+	local function from_root(username)
+		local n, d = walk(print, book, username, 0);
+		count, deepest, roots = count + n, math.max(deepest, d), roots + 1;
+	end
+	if from ~= nil then
+		local username, err = creator_arg(from);
+		if not username then return nil, (err:gsub("^%-%-by", "The tree")), "usage"; end
+		if not book:account(username) and not ctx.user_exists(username) then
+			return nil, "No such account: "..from;
+		end
+		from_root(username);
+	else
+		-- Roots: accounts nobody invited (or invited before this was tracked), then
+		-- accounts gone whose entry stays for the chain below them.
+		for username in ctx.each_account() do
+			local entry = book:account(username);
+			if not (entry and entry.by) then from_root(username); end
+		end
+		for username in ctx.each_account_entry() do
+			local entry = book:account(username);
+			if entry and not entry.by and not ctx.user_exists(username) then
+				from_root(username);
+			end
+		end
+	end
+	return true, ("%d accounts in %d trees, deepest depth %d"):format(count, roots, deepest);
 end
 
 -- generate's options, from prosodyctl's argv or the shell's flags:
@@ -254,14 +403,21 @@ local commands = {
 			return created(create_contact(username, opts.allow_registration, nil, options.ttl));
 		end };
 	{ name = "list", args = host_arg, lines = true,
-		desc = "List pending invitations (--all: also used, expired and revoked ones)",
-		flags = { kv_params = { all = true } },
+		desc = "List pending invitations (--all: also used, expired and revoked ones; --by JID: made by that account)",
+		flags = { kv_params = { all = true }, value_params = { by = true } },
 		console = function (host, all)
 			if type(all) == "table" then return host, all; end
 			return host, { all = all == true or all == "--all" };
 		end,
 		run = function (print, _, opts)
-			local lines, err = list_lines(flags_of(opts).all);
+			opts = flags_of(opts);
+			local by;
+			if opts.by ~= nil then
+				local err;
+				by, err = creator_arg(opts.by);
+				if not by then return nil, err, "usage"; end
+			end
+			local lines, err = list_lines(opts.all, by);
 			if not lines then return nil, err; end
 			print_lines(print, lines);
 			return true, ("%d invites"):format(#lines - 1);
@@ -274,10 +430,27 @@ local commands = {
 			print_lines(print, lines);
 			return true, "Invitation found";
 		end };
+	{ name = "edit", args = ref_args,
+		desc = "Change an invitation: --expires-after DURATION, --uses N, --note TEXT",
+		flags = { value_params = { expires_after = true, uses = true, note = true } },
+		run = function (_, _, ref, opts) return edit(ref, flags_of(opts)); end };
 	{ name = "delete", args = ref_args, desc = "Revoke an invitation, by id or token",
 		run = function (_, _, ref) return revoke(ref); end };
-	{ name = "revoke", args = ref_args, desc = "Revoke an invitation, by id or token",
-		run = function (_, _, ref) return revoke(ref); end };
+	{ name = "revoke", args = ref_args,
+		desc = "Revoke an invitation, by id or token (--by JID: every pending one that account made)",
+		flags = { value_params = { by = true } },
+		run = function (_, _, ref, opts)
+			if type(ref) == "table" then ref, opts = nil, ref; end -- 0.12's console: revoke(host, { by = … })
+			opts = flags_of(opts);
+			if opts.by ~= nil then
+				if ref ~= nil then return nil, "Give an invite id or --by, not both", "usage"; end
+				return revoke_by(opts.by);
+			end
+			return revoke(ref);
+		end };
+	{ name = "tree", args = { { name = "host", type = "string" }, { name = "jid", type = "string" } },
+		desc = "Who invited whom: every account from the roots, or from one account",
+		run = function (print, _, from) return tree(print, from); end };
 	{ name = "prune", args = host_arg,
 		desc = "Remove used, revoked and expired invitations",
 		run = function ()
@@ -308,7 +481,7 @@ local function offer_shell_commands()
 				host_selector = command.args[1].name;
 				flags = command.flags;
 				handler = function (self, ...)
-					return command.run(self.session.print, ...);
+					return ctx.as_source("shell", command.run, self.session.print, ...);
 				end;
 			});
 		end
@@ -331,9 +504,9 @@ local function offer_shell_commands()
 			end
 			local run = host_commands[name].run;
 			if console then
-				return run(self.session.print, console(first, ...));
+				return ctx.as_source("console", run, self.session.print, console(first, ...));
 			end
-			return run(self.session.print, first, ...);
+			return ctx.as_source("console", run, self.session.print, first, ...);
 		end;
 	end
 end
@@ -352,9 +525,18 @@ usage: prosodyctl mod_invites COMMAND HOST [OPTIONS]
                       --uses N         N different accounts may register with it
   generate HOST --reset USERNAME [--expires-after DURATION]
                       Create a password reset link for USERNAME.
-  list HOST [--all]   Pending invites (--all: also used, expired and revoked ones).
-  show HOST ID        Details of one invite, by id (from list) or token.
+  list HOST [--all] [--by JID]
+                      Pending invites (--all: also used, expired and revoked ones;
+                      --by: only those the account JID made).
+  show HOST ID        Details of one invite, by id (from list) or token: who made it, who
+                      signed up with it.
+  edit HOST ID [--expires-after DURATION] [--uses N] [--note TEXT]
+                      Extend or shorten an invite, change its uses (never below what is
+                      taken), set its note (--note "" removes it).
   revoke HOST ID      Revoke an invite at once (also: delete).
+  revoke HOST --by JID
+                      Revoke every pending invite the account JID made.
+  tree HOST [JID]     Who invited whom, from the accounts nobody invited, or from JID.
   prune HOST          Remove used, revoked and expired invites; prints how many.]];
 
 -- generate's argv as the shell's create_account/create_reset arguments, or nil, error.
@@ -393,18 +575,53 @@ end
 -- Each prosodyctl command: the shell command it runs and its arguments, or nil, error.
 local argv = {};
 function argv.generate(host, arg) return generate_args(host, arg); end
+-- Flags of the form --name VALUE (names in `takes_value`) and --name (in `switches`).
+local function parse_flags(arg, takes_value, switches)
+	local flags, positional = {}, {};
+	while #arg > 0 do
+		local value = table.remove(arg, 1);
+		local name = type(value) == "string" and value:match("^%-%-(.+)$");
+		local field = name and name:gsub("%-", "_");
+		if field and takes_value[field] then
+			local given = table.remove(arg, 1);
+			if given == nil then return nil, "Expected a value after "..value; end
+			flags[field] = given;
+		elseif field and switches[field] then
+			flags[field] = true;
+		elseif name then
+			return nil, "unexpected argument: "..value;
+		else
+			table.insert(positional, value);
+		end
+	end
+	return flags, positional;
+end
+
 function argv.list(host, arg)
-	local all = arg[1] == "--all";
-	if arg[all and 2 or 1] ~= nil then return nil, "unexpected argument: "..tostring(arg[all and 2 or 1]); end
-	return "list", { host, { all = all } };
+	local flags, positional = parse_flags(arg, { by = true }, { all = true });
+	if not flags then return nil, positional; end
+	if positional[1] ~= nil then return nil, "unexpected argument: "..tostring(positional[1]); end
+	return "list", { host, flags };
+end
+function argv.edit(host, arg)
+	local flags, positional = parse_flags(arg, { expires_after = true, uses = true, note = true }, {});
+	if not flags then return nil, positional; end
+	if positional[2] ~= nil then return nil, "unexpected argument: "..tostring(positional[2]); end
+	return "edit", { host, positional[1], flags };
+end
+function argv.tree(host, arg)
+	if arg[2] ~= nil then return nil, "unexpected argument: "..tostring(arg[2]); end
+	return "tree", { host, arg[1] };
 end
 function argv.show(host, arg)
 	if arg[2] ~= nil then return nil, "unexpected argument: "..tostring(arg[2]); end
 	return "show", { host, arg[1] };
 end
 function argv.revoke(host, arg)
-	if arg[2] ~= nil then return nil, "unexpected argument: "..tostring(arg[2]); end
-	return "revoke", { host, arg[1] };
+	local flags, positional = parse_flags(arg, { by = true }, {});
+	if not flags then return nil, positional; end
+	if positional[2] ~= nil then return nil, "unexpected argument: "..tostring(positional[2]); end
+	return "revoke", { host, positional[1], flags };
 end
 argv.delete = argv.revoke;
 function argv.prune(host, arg)
@@ -421,8 +638,8 @@ local function prosodyctl_command(arg)
 		print(usage);
 		return 2;
 	elseif not argv[name] then
-		print(("Unknown command '%s' (commands: generate, list, show, revoke, delete, prune; see 'prosodyctl mod_invites help')")
-			:format(name));
+		print(("Unknown command '%s' (commands: generate, list, show, edit, revoke, delete, tree, prune;"
+			.." see 'prosodyctl mod_invites help')"):format(name));
 		return 2;
 	end
 	local host = table.remove(arg, 1);
@@ -443,7 +660,7 @@ local function prosodyctl_command(arg)
 	end
 	ctx.use_host(host, name == "generate");
 	local command = command_named[command_name];
-	local ok, message, kind = command.run(print, unpack(args));
+	local ok, message, kind = ctx.as_source("prosodyctl", command.run, print, unpack(args));
 	if not ok then
 		print(message);
 		return kind == "usage" and 2 or 1;

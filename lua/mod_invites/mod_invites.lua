@@ -110,7 +110,7 @@ end
 read_options();
 
 local book;
-local invite_store;
+local invite_store, account_store;
 
 local function account_exists(username)
 	return usermanager.user_exists(username, module.host);
@@ -122,12 +122,15 @@ end
 
 local function open_book()
 	invite_store = module:open_store("invites");
+	account_store = module:open_store("invite_accounts");
 	book = with_text_errors(core.new({
 		host = module.host;
 		token_storage = token_storage;
 		key_file = key_file;
 		invites = invite_store;
 		names = module:open_store("invites_by_username");
+		-- Who invited whom, and each account's invite count (governance.lib.lua).
+		accounts = account_store;
 		log = log_from_core;
 		-- Settles registrations a crash cut short (see src/state.rs, settle_lapsed).
 		account_exists = account_exists;
@@ -153,10 +156,19 @@ local holders = setmetatable({}, { __mode = "k" }); -- reservation of a registra
 local spent = setmetatable({}, { __mode = "k" }); -- already registered an account
 
 -- Metrics exist in the server only; prosodyctl has no statistics to report them to.
-local created_metric = { with_labels = function () return { add = function () end }; end };
+local no_metric = { with_labels = function () return { add = function () end }; end };
+local created_metric, refused_metric = no_metric, no_metric;
 if prosody.process_type == "prosody" then
 	created_metric = module:metric("counter", "created", "", "Invites created", { "type" });
+	refused_metric = module:metric("counter", "refused", "", "Invite creations refused", { "reason" });
 end
+
+--- Governance: provenance, quotas, the invite tree (governance.lib.lua)
+local governance = module:require("governance")({
+	book = get_book;
+	period = core.period;
+	has_role_api = has_role_api;
+});
 
 --- Guessing limits
 -- One throttle per host for every path that checks a token: c2s preauth and XEP-0379
@@ -203,10 +215,20 @@ local function create_invite(spec)
 		error("bad argument 'ttl' (whole number of seconds expected, got "..type(spec.ttl)..")", 3);
 	end
 	spec.ttl = spec.ttl or default_ttl;
+	spec.creator, spec.source, spec.note = governance.provenance(spec.additional_data, spec.inviter);
+	local allowed, refusal, retry_at = governance.charge(spec.creator);
+	if not allowed then
+		if refusal == "quota-exceeded" or refusal == "too-soon" then
+			refused_metric:with_labels(refusal):add(1);
+		end
+		return nil, refusal, retry_at;
+	end
+	local charged = refusal;
 	local invite, draft = get_book():prepare(spec, os.time());
 	module:fire_event("invite-created", invite);
 	local stored, err = get_book():store(draft, invite);
 	if not stored then
+		governance.refund(charged);
 		return nil, err; -- the core has logged what failed
 	end
 	created_metric:with_labels(spec.reset and "reset" or spec.type):add(1);
@@ -446,7 +468,7 @@ end
 -- the new or reset account `username` on `host`.
 function valid_invite_methods:confirm(username, host)
 	local holder = holders[self];
-	local invite, err = get_book():confirm(self.token, holder or id.short(), host, os.time());
+	local invite, err = get_book():confirm(self.token, holder or id.short(), host, os.time(), username);
 	if err == "wrong-host" then
 		return nil, err; -- not this host's to spend: the reservation stays for its own
 	end
@@ -457,6 +479,7 @@ function valid_invite_methods:confirm(username, host)
 	end
 	module:log("info", "Invite %s redeemed by %s@%s (%d of %s uses)", invite.id, username, host, invite.uses,
 		invite.max_uses or "unlimited");
+	governance.redeemed(invite, username);
 	return true;
 end
 
@@ -489,6 +512,24 @@ end
 -- Is this username held for a pending invite? (nil, err when storage fails)
 function is_username_reserved(username)
 	return get_book():username_reserved(username, os.time());
+end
+
+-- Extension, for moderation tools: who invited the account `username` of this host.
+-- Returns the inviter's username (nil for an account nobody invited: made by an admin
+-- front end, registered without an invite or before invites were tracked) and the
+-- account's entry { by, source, invite (id), registered, deleted, invited = { … } }.
+function invited_by(username)
+	username = type(username) == "string" and nodeprep(username) or nil;
+	if not username then return nil; end
+	local entry = get_book():account(username);
+	return entry and entry.by, entry;
+end
+
+-- Extension: the usernames `username` invited (accounts made with its invites), in order.
+function invitees(username)
+	username = type(username) == "string" and nodeprep(username) or nil;
+	local entry = username and get_book():account(username);
+	return entry and entry.invited or {};
 end
 
 --- Guessing over HTTP
@@ -686,6 +727,7 @@ local function use_host(host, with_landing_pages)
 	end
 	module.host = host;
 	read_options();
+	governance.read_options();
 	open_book();
 	-- The landing page module, if the host enables it, so invite-created handlers
 	-- (landing_page) run as they would in the server.
@@ -708,6 +750,22 @@ local admin = module:require("admin")({
 	roles_for_invite = roles_for_invite;
 	has_shell_items = has_shell_items;
 	user_exists = account_exists;
+	as_source = governance.as_source;
+	each_account = function ()
+		return usermanager.users(module.host);
+	end;
+	each_account_entry = function ()
+		local invites = get_book(); -- opens account_store
+		local next_key, state, key = account_store:users();
+		return function ()
+			while true do
+				key = next_key(state, key);
+				if key == nil then return nil; end
+				local username = invites:entry_username(key);
+				if username then return username; end
+			end
+		end;
+	end;
 	use_host = use_host;
 });
 admin.offer_shell_commands();

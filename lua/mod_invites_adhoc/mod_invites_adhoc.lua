@@ -102,17 +102,29 @@ local refusal_texts = {
 	["username-taken"] = "That username is already taken";
 	["username-reserved"] = "That username is reserved by another invitation";
 	["account-not-found"] = "There is no such account on this server";
-	["roster-subscription-unsupported"] = "This server cannot subscribe the new account to you; create the invite without a roster subscription";
+	-- invite_quota and invite_wait_after_registration (mod_invites); %s: when it may be
+	-- tried again (a quota of 0 never allows one: the text without a time).
+	["quota-exceeded"] = "You have created as many invitations as you may for now; you can create another after %s";
+	["quota-exceeded/never"] = "Your account may not create invitations";
+	["too-soon"] = "New accounts cannot create invitations yet; you can create one after %s";
 };
 
 -- The command's answer to create_*(…)'s `invite` or `nil, err`. A refusal is logged once,
 -- without anything of the invite.
-local function invite_result(data, what, invite, err)
+local function invite_result(data, what, invite, err, retry_at)
 	if not invite then
 		module:log("info", "No %s for %s: %s", what, jid_bare(data.from), tostring(err));
+		local text = refusal_texts[err] or "The invitation could not be created";
+		if text:find("%s", 1, true) then
+			if type(retry_at) == "number" then
+				text = text:format(os.date("!%Y-%m-%d %H:%M:%S", retry_at).." UTC");
+			else
+				text = refusal_texts[err.."/never"] or text:format("a while");
+			end
+		end
 		return {
 			status = "completed";
-			error = { message = refusal_texts[err] or "The invitation could not be created" };
+			error = { message = text };
 		};
 	end
 	return {
@@ -153,8 +165,9 @@ module:provides("adhoc", new_adhoc("Create new contact invite", "urn:xmpp:invite
 	end, allow_contact_invites and "local_user" or "admin"));
 
 -- What create-account offers (with invites_adhoc_account_form), and what it reads from a
--- submitted form: XEP-0401 also defines roster-subscription, which cannot be honoured yet
--- (an account invite has no inviter to subscribe to), so it is not offered and true is refused.
+-- submitted form (XEP-0401 0.6): a username the invite is bound to, and whether the new
+-- account and the admin become mutual contacts (mod_invites_register subscribes them: the
+-- invite's creator is the admin's account).
 local account_form = dataforms.new({
 	title = "Create new account invite";
 	{
@@ -162,6 +175,12 @@ local account_form = dataforms.new({
 		type = "text-single";
 		label = "Username";
 		desc = "Leave empty to let the invitee choose one";
+	};
+	{
+		name = "roster-subscription";
+		type = "boolean";
+		label = "Add the new account to my contacts";
+		value = false;
 	};
 });
 local account_submission = dataforms.new({
@@ -184,9 +203,6 @@ local function unavailable(username)
 end
 
 local function create_account_invite(data, fields)
-	if fields["roster-subscription"] then
-		return invite_result(data, "account invite", nil, "roster-subscription-unsupported");
-	end
 	local username = fields.username;
 	if username == "" then
 		username = nil;
@@ -199,6 +215,7 @@ local function create_account_invite(data, fields)
 	end
 	return invite_result(data, "account invite", invites.create_account(username, {
 		source = data.from;
+		roster_subscription = fields["roster-subscription"] or nil;
 	}));
 end
 

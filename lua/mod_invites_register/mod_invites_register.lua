@@ -313,6 +313,12 @@ module:hook("user-registered", function (event)
 	end
 
 	local inviter_username = validated_invite.type == "roster" and validated_invite.inviter;
+	-- An account invite made with XEP-0401's roster-subscription (mod_invites_adhoc): the
+	-- new account and the invite's creator become contacts too.
+	local additional_data = validated_invite.additional_data;
+	if not inviter_username and type(additional_data) == "table" and additional_data.roster_subscription == true then
+		inviter_username = validated_invite.creator;
+	end
 	if inviter_username then
 		module:log("debug", "Creating mutual subscription between %s and %s", inviter_username, contact_username);
 		subscribe(module.host, inviter_username, contact_username);
@@ -320,7 +326,6 @@ module:hook("user-registered", function (event)
 		rostermanager.roster_push(inviter_username, module.host, contact_username.."@"..module.host);
 	end
 
-	local additional_data = validated_invite.additional_data;
 	if type(additional_data) == "table" then
 		if type(additional_data.roles) == "table" and next(additional_data.roles) then
 			module:log("debug", "Importing roles from invite");

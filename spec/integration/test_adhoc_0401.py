@@ -185,6 +185,22 @@ async def test_create_account_can_ask_for_the_username_first(server, admin):
 
 
 @adhoc
+async def test_create_account_with_roster_subscription_makes_mutual_contacts(server, admin):
+    """XEP-0401 0.6 roster-subscription: the new account and the admin who made the invite
+    become contacts; without it, they do not."""
+    c = await xmpp.login(server.port, admin.jid, admin.password)
+    with_contact = assert_invitation(await command(c, CREATE_ACCOUNT, {"roster-subscription": "1"}))
+    plain = assert_invitation(await command(c, CREATE_ACCOUNT, {"roster-subscription": "0"}))
+    assert await registers(server, with_contact.token, "friend")
+    assert await registers(server, plain.token, "stranger")
+    friend = await xmpp.login(server.port, "friend@localhost", "pw")
+    assert (await xmpp.roster(friend)).get(admin.jid, {}).get("subscription") == "both"
+    roster = await xmpp.roster(c)
+    assert roster["friend@localhost"]["subscription"] == "both", roster
+    assert "stranger@localhost" not in roster, roster
+
+
+@adhoc
 async def test_create_account_refuses_a_username_it_cannot_give(server, admin):
     c = await xmpp.login(server.port, admin.jid, admin.password)
     assert refusal(await command(c, CREATE_ACCOUNT, {"username": "admin"})) == "That username is already taken"
@@ -192,10 +208,8 @@ async def test_create_account_refuses_a_username_it_cannot_give(server, admin):
     assert refusal(await command(c, CREATE_ACCOUNT, {"username": "juliet"})) == \
         "That username is reserved by another invitation"
     assert refusal(await command(c, CREATE_ACCOUNT, {"username": "a@b"})) == "That username is not valid"
-    assert refusal(await command(c, CREATE_ACCOUNT, {"username": "romeo", "roster-subscription": "1"})) == \
-        "This server cannot subscribe the new account to you; create the invite without a roster subscription"
     assert refusal(await command(c, CREATE_ACCOUNT, {"roster-subscription": "maybe"})) == "Fill in the form correctly"
-    assert len(server.log_lines(r"invites_adhoc\tinfo\tNo account invite for admin@localhost: ")) == 4
+    assert len(server.log_lines(r"invites_adhoc\tinfo\tNo account invite for admin@localhost: ")) == 3
     # None of them made an invite: romeo is free.
     uri = assert_invitation(await command(c, CREATE_ACCOUNT, {"username": "romeo"}))
     assert uri.jid == "romeo@localhost"

@@ -218,6 +218,25 @@ def expected_landing_page(site, kind, token):
     return site.landing_page(token)
 
 
+async def test_admin_api_note_is_the_invites_note_and_edit_changes_it(make_server, request):
+    """The admin API keeps a note in additional_data.note: `show` prints it, and `edit --note`
+    changes what the API lists."""
+    if harness.prosody_major_version() < 13:
+        pytest.skip("the 0.12 revision of mod_http_admin_api (rev 4956) has no note")
+    site = await start_site(make_server, request)
+    invite = create_via_api(site, "account", {"note": "for the choir"})
+    token = token_of(invite["uri"])
+    rc, out, err = site.srv.prosodyctl("mod_invites", "show", HOST, token)
+    assert rc == 0 and "note:        for the choir" in out, (out, err)
+    invite_id = re.search(r"^id:\s+(\w+)", out, re.M).group(1)
+    rc, out, err = site.srv.prosodyctl("mod_invites", "edit", HOST, invite_id, "--note", "for the band")
+    assert rc == 0, (out, err)
+    assert listed(site)[token]["note"] == "for the band"
+    rc, out, err = site.srv.prosodyctl("mod_invites", "edit", HOST, invite_id, "--note", "")
+    assert rc == 0, (out, err)
+    assert listed(site)[token].get("note") is None
+
+
 async def test_admin_api_lists_gets_and_deletes_invites_by_their_token(make_server, request):
     site = await start_site(make_server, request, landing_page=True)
     site.srv.register_user("dave", "dave-secret")
