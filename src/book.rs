@@ -620,7 +620,7 @@ impl<B: Backend> Book<B> {
     /// `token-expired`.
     pub fn revoke(&self, token: &str, now: i64) -> Result<Found, InviteError> {
         let (_, found) = self.find(token)?;
-        self.revoke_found(found, now)
+        self.revoke_found(found, now, false)
     }
 
     /// Revokes the invite of `hash` (admin commands name invites by key or id).
@@ -632,10 +632,18 @@ impl<B: Backend> Book<B> {
                 record,
             },
             now,
+            false,
         )
     }
 
-    fn revoke_found(&self, found: Found, now: i64) -> Result<Found, InviteError> {
+    /// Revokes a found invite still to be had; with `expired_too`, also one that only ran
+    /// out of time (so that no edit can give it new life), still answering `token-expired`.
+    fn revoke_found(
+        &self,
+        found: Found,
+        now: i64,
+        expired_too: bool,
+    ) -> Result<Found, InviteError> {
         let Found { hash, mut record } = found;
         let uses_before = record.uses;
         self.settle(&mut record, now, None)?;
@@ -643,6 +651,12 @@ impl<B: Backend> Book<B> {
             Status::Pending | Status::Reserved => {}
             Status::Used => return Err(InviteError::TokenUsed),
             Status::Revoked => return Err(InviteError::TokenRevoked),
+            Status::Expired if expired_too => {
+                record.revoke(now);
+                self.save(&hash, &record)?;
+                self.after_change(&hash, &record);
+                return Err(InviteError::TokenExpired);
+            }
             Status::Expired => return Err(InviteError::TokenExpired),
         }
         record.revoke(now);
@@ -683,8 +697,9 @@ impl<B: Backend> Book<B> {
     }
 
     /// Revokes every invite still to be had that is `username`'s (made by them, or a
-    /// contact invite to them). Returns how many it revoked. Goes on past a failure, and
-    /// reports the first.
+    /// contact invite to them). Returns how many it revoked. Those that only ran out of
+    /// time are revoked too, uncounted, so that no edit revives them. Goes on past a
+    /// failure, and reports the first.
     pub fn revoke_by(&self, username: &str, now: i64) -> Result<usize, InviteError> {
         let mut hashes = Vec::new();
         self.backend
@@ -709,7 +724,7 @@ impl<B: Backend> Book<B> {
             if !record.is_from(username) {
                 continue;
             }
-            match self.revoke_found(Found { hash, record }, now) {
+            match self.revoke_found(Found { hash, record }, now, true) {
                 Ok(_) => revoked += 1,
                 Err(
                     InviteError::TokenUsed | InviteError::TokenRevoked | InviteError::TokenExpired,
@@ -2290,7 +2305,20 @@ mod tests {
             assert_eq!(b.load(&c.hash).unwrap().state, StoredState::Revoked);
         }
         assert_eq!(b.load(&used.hash).unwrap().state, StoredState::Used);
-        assert_eq!(b.load(&expired.hash).unwrap().state, StoredState::Pending);
+        // Expired, not counted, but revoked all the same: no edit gives it new life.
+        assert_eq!(b.load(&expired.hash).unwrap().state, StoredState::Revoked);
+        assert_eq!(
+            b.edit(
+                &expired.hash,
+                &Edit {
+                    expires: Some(5000),
+                    ..Edit::default()
+                },
+                1003
+            )
+            .err(),
+            Some(InviteError::TokenRevoked)
+        );
         for c in [&bobs, &nobodys] {
             assert_eq!(b.load(&c.hash).unwrap().state, StoredState::Pending);
         }

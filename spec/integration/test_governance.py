@@ -209,6 +209,26 @@ async def test_a_new_account_waits_before_it_may_invite(make_server):
     assert answer.status == "completed" and answer.value("uri"), answer
 
 
+async def test_an_account_registered_without_an_invite_waits_too_and_is_counted(make_server):
+    """Open registration (no invite): the server notes when the account registered."""
+    http_port = harness.free_port()
+    server = make_server(
+        extra_modules=["adhoc", "invites_adhoc", "http_openmetrics"],
+        registration_invite_only=False, allow_registration=True,
+        options={"allow_user_invites": True, "invite_wait_after_registration": "1 hour",
+                 "statistics": "internal", "statistics_interval": "manual",
+                 "http_ports": [http_port], "http_interfaces": ["127.0.0.1"]})
+    async with xmpp.UnauthedSession(server.port) as s:
+        assert (await s.register("walkin", "walkin-pw")).ok
+    walkin = await xmpp.login(server.port, "walkin@localhost", "walkin-pw", presence=False)
+    answer = await command(walkin, INVITE)
+    assert [kind for kind, _ in answer.notes] == ["error"], answer
+    assert answer.notes[0][1].startswith("New accounts cannot create invitations yet"), answer
+    with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=10) as r:
+        page = r.read().decode()
+    assert re.search(r'prosody_mod_invites__refused_total\{[^}]*reason="too-soon"[^}]*\} 1', page), page
+
+
 # ------------------------------------------------------------- live edits
 
 
