@@ -1,5 +1,7 @@
 //! The book: the invites of one virtual host over its storage. Each operation is one
-//! read-check-write sequence over one record.
+//! read-check-write sequence over one record, made atomic by the backend
+//! (`Backend::update`): on SQL a compare-and-set, on files a lock, so it holds between
+//! processes sharing the storage as it does within one.
 //!
 //! `Book` owns the storage layout (see `record.rs`) and applies the state machine
 //! (see `state.rs`). It never reads more than the records an operation is about, and it
@@ -29,7 +31,7 @@ use crate::record::{
 };
 use crate::seal::{load_or_create_key, Sealer};
 use crate::state::{Claim, Edit, Status};
-use crate::store::{Backend, Level, Space};
+use crate::store::{Backend, Level, Space, Write};
 use crate::token::{Token, TokenHash};
 use crate::uri::invite_uri;
 
@@ -142,6 +144,20 @@ pub struct LegacyInvite {
     pub contact_of: Option<String>,
     /// The landing page Prosody stored with it (it holds the token; kept without it).
     pub landing_page: Option<String>,
+}
+
+/// What a change of one invite decides to store (see `Book::change`).
+enum Next {
+    Store(Box<InviteRecord>),
+    Remove,
+    Keep,
+}
+
+/// The outcome of `release` inside its change: the record and uses before it when spent.
+enum Releasing {
+    Nothing,
+    GivenBack,
+    Spent(Box<InviteRecord>, u32),
 }
 
 /// The invites of one virtual host, over the stores `backend` gives access to.
@@ -309,10 +325,73 @@ impl<B: Backend> Book<B> {
         })
     }
 
-    fn save(&self, hash: &TokenHash, record: &InviteRecord) -> Result<(), InviteError> {
+    /// One atomic read-check-write of the invite of `hash` (see `Backend::update`).
+    /// `decide` is shown the stored record (none, or a corrupt one, is `token-invalid`;
+    /// corruption is logged) and says what to store and what to answer. When another
+    /// process changed the invite between the read and the write, the write does not
+    /// happen and `decide` is shown the record again: it must have no effect but its answer.
+    fn change<T>(
+        &self,
+        hash: &TokenHash,
+        mut decide: impl FnMut(InviteRecord) -> Result<(Next, T), InviteError>,
+    ) -> Result<T, InviteError> {
+        let id = hash.short_id();
+        let mut answer = None;
+        let mut corrupt = None;
+        let updated = self
+            .backend
+            .update(Space::Invites, &hash.key(), &mut |text| {
+                corrupt = None;
+                let decided = match text.map(|t| InviteRecord::decode(t, hash)) {
+                    None => Err(InviteError::TokenInvalid),
+                    Some(Err(e)) => {
+                        corrupt = Some(e.to_string());
+                        Err(InviteError::TokenInvalid)
+                    }
+                    Some(Ok(record)) => decide(record),
+                };
+                let write = match &decided {
+                    Ok((Next::Store(record), _)) => Write::Put(record.encode()),
+                    Ok((Next::Remove, _)) => Write::Remove,
+                    Ok((Next::Keep, _)) | Err(_) => Write::Keep,
+                };
+                answer = Some(decided.map(|(_, t)| t));
+                write
+            });
+        if let Some(what) = corrupt {
+            self.backend.log(
+                Level::Warn,
+                &format!("ignoring corrupt invite record {id}: {what}"),
+            );
+        }
+        match updated {
+            Ok(_) => answer.unwrap_or(Err(InviteError::Storage)),
+            Err(StoreError::Malformed(what)) => {
+                self.backend.log(
+                    Level::Warn,
+                    &format!("ignoring corrupt invite record {id}: {what}"),
+                );
+                Err(InviteError::TokenInvalid)
+            }
+            Err(e) => Err(self.storage_failed("change", &id, &e)),
+        }
+    }
+
+    /// Stores `record` under `hash` unless something is stored there already; whether it
+    /// did.
+    fn store_new(&self, hash: &TokenHash, record: &InviteRecord) -> Result<bool, InviteError> {
+        let encoded = record.encode();
         self.backend
-            .put(Space::Invites, &hash.key(), Some(&record.encode()))
+            .update(Space::Invites, &hash.key(), &mut |stored| match stored {
+                None => Write::Put(encoded.clone()),
+                Some(_) => Write::Keep,
+            })
             .map_err(|e| self.storage_failed("write", &hash.short_id(), &e))
+    }
+
+    /// The hash of the token a caller presented, parsed here once.
+    fn hash_of(token: &str) -> Result<TokenHash, InviteError> {
+        Ok(Token::parse(token)?.hash())
     }
 
     /// Settles reservations a crash left behind (see `InviteRecord::settle_lapsed`).
@@ -425,7 +504,14 @@ impl<B: Backend> Book<B> {
             record,
         } = created;
         record.sealed_token = self.sealer().and_then(|s| s.seal(token, hash));
-        self.save(hash, record)?;
+        if !self.store_new(hash, record)? {
+            // Two tokens of 144 random bits alike: not in this universe, but never overwrite.
+            self.backend.log(
+                Level::Error,
+                &format!("invite {} is stored already; not made", hash.short_id()),
+            );
+            return Err(InviteError::Storage);
+        }
         if let Some(name) = reserved_name(record) {
             if let Err(e) = self.index_name(name, hash, record.expires) {
                 // Without its reservation the invite must not exist: undo.
@@ -464,14 +550,36 @@ impl<B: Backend> Book<B> {
         now: i64,
     ) -> Result<(Token, Found), InviteError> {
         let (token, mut found) = self.find_for(token, host)?;
-        let uses_before = found.record.uses;
         if self.settle(&mut found.record, now, None)? {
             // Written so listings show it too; if that fails (logged), checking goes on
             // from the settled copy: a read must not fail for want of a write.
-            let _ = self.save(&found.hash, &found.record);
-            self.enter_redeemed(&found.hash, &found.record, uses_before);
+            let _ = self.settle_stored(&found.hash, now);
         }
-        let r = &found.record;
+        Self::usable_for(&found.record, contact_of, now)?;
+        Ok((token, found))
+    }
+
+    /// Writes back what `settle` makes of the stored invite of `hash`, if anything.
+    fn settle_stored(&self, hash: &TokenHash, now: i64) -> Result<(), InviteError> {
+        let settled = self.change(hash, |mut record| {
+            let uses_before = record.uses;
+            if !self.settle(&mut record, now, None)? {
+                return Ok((Next::Keep, None));
+            }
+            Ok((
+                Next::Store(Box::new(record.clone())),
+                Some((record, uses_before)),
+            ))
+        })?;
+        if let Some((record, uses_before)) = settled {
+            self.enter_redeemed(hash, &record, uses_before);
+        }
+        Ok(())
+    }
+
+    /// Whether the (settled) invite `r` may be used now: for an account, or for becoming
+    /// the contact of `contact_of`.
+    fn usable_for(r: &InviteRecord, contact_of: Option<&str>, now: i64) -> Result<(), InviteError> {
         match contact_of {
             Some(user) => {
                 if r.kind != InviteKind::Roster || r.inviter.as_deref() != Some(user) {
@@ -484,8 +592,7 @@ impl<B: Backend> Book<B> {
                 }
             }
         }
-        r.check_valid(now)?;
-        Ok((token, found))
+        r.check_valid(now)
     }
 
     /// Holds one use for the registration `claim` describes, of an account on `host`; see
@@ -497,17 +604,21 @@ impl<B: Backend> Book<B> {
         host: &str,
         now: i64,
     ) -> Result<Found, InviteError> {
-        let (_, Found { hash, mut record }) = self.find_for(token, host)?;
-        let uses_before = record.uses;
-        self.settle(&mut record, now, None)?;
-        record.reserve(claim, now)?;
-        if record.username.as_deref() != Some(claim.username) && record.reset.is_none() {
-            // The name may be held for somebody else's invite.
-            if self.username_reserved(claim.username, now, Some(&hash))? {
-                return Err(InviteError::UsernameReserved);
+        self.acting_here(host)?;
+        let hash = Self::hash_of(token)?;
+        let (record, uses_before) = self.change(&hash, |mut record| {
+            self.made_here(&hash, &record)?;
+            let uses_before = record.uses;
+            self.settle(&mut record, now, None)?;
+            record.reserve(claim, now)?;
+            if record.username.as_deref() != Some(claim.username) && record.reset.is_none() {
+                // The name may be held for somebody else's invite.
+                if self.username_reserved(claim.username, now, Some(&hash))? {
+                    return Err(InviteError::UsernameReserved);
+                }
             }
-        }
-        self.save(&hash, &record)?;
+            Ok((Next::Store(Box::new(record.clone())), (record, uses_before)))
+        })?;
         self.enter_redeemed(&hash, &record, uses_before);
         Ok(Found { hash, record })
     }
@@ -534,11 +645,19 @@ impl<B: Backend> Book<B> {
         host: &str,
         now: i64,
     ) -> Result<Found, InviteError> {
-        let (_, Found { hash, mut record }) = self.find_for(token, host)?;
-        let uses_before = record.uses;
-        self.settle(&mut record, now, Some(holder))?;
-        let outcome = record.confirm_for(holder, account, now);
-        if outcome.is_err() {
+        self.acting_here(host)?;
+        let hash = Self::hash_of(token)?;
+        let mut overspent = false;
+        let confirmed = self.change(&hash, |mut record| {
+            self.made_here(&hash, &record)?;
+            let uses_before = record.uses;
+            self.settle(&mut record, now, Some(holder))?;
+            let outcome = record.confirm_for(holder, account, now);
+            overspent = outcome.is_err();
+            outcome?;
+            Ok((Next::Store(Box::new(record.clone())), (record, uses_before)))
+        });
+        if overspent {
             self.backend.log(
                 Level::Warn,
                 &format!(
@@ -547,8 +666,7 @@ impl<B: Backend> Book<B> {
                 ),
             );
         }
-        outcome?;
-        self.save(&hash, &record)?;
+        let (record, uses_before) = confirmed?;
         self.after_change(&hash, &record);
         self.enter_redeemed(&hash, &record, uses_before);
         Ok(Found { hash, record })
@@ -558,28 +676,37 @@ impl<B: Backend> Book<B> {
     /// it was for exists after all (Prosody 13 creates the account before writing its
     /// password and keeps it when that fails): then the use is redeemed.
     pub fn release(&self, token: &str, holder: &str, now: i64) -> Result<Released, InviteError> {
-        let (_, Found { hash, mut record }) = self.find(token)?;
-        let Some(held) = record.reservations.iter().find(|r| r.holder == holder) else {
-            return Ok(Released::Nothing);
-        };
-        let account_created = match &held.username {
-            Some(username) => self
-                .backend
-                .account_exists(username)
-                .map_err(|e| self.storage_failed("check the account of", &hash.short_id(), &e))?,
-            None => false,
-        };
-        if account_created {
-            let uses_before = record.uses;
-            record.confirm(holder, now)?;
-            self.save(&hash, &record)?;
-            self.after_change(&hash, &record);
-            self.enter_redeemed(&hash, &record, uses_before);
-            return Ok(Released::Spent);
+        let hash = Self::hash_of(token)?;
+        let released = self.change(&hash, |mut record| {
+            let Some(held) = record.reservations.iter().find(|r| r.holder == holder) else {
+                return Ok((Next::Keep, Releasing::Nothing));
+            };
+            let account_created = match &held.username {
+                Some(username) => self.backend.account_exists(username).map_err(|e| {
+                    self.storage_failed("check the account of", &hash.short_id(), &e)
+                })?,
+                None => false,
+            };
+            if account_created {
+                let uses_before = record.uses;
+                record.confirm(holder, now)?;
+                return Ok((
+                    Next::Store(Box::new(record.clone())),
+                    Releasing::Spent(Box::new(record), uses_before),
+                ));
+            }
+            record.release(holder);
+            Ok((Next::Store(Box::new(record)), Releasing::GivenBack))
+        })?;
+        match released {
+            Releasing::Nothing => Ok(Released::Nothing),
+            Releasing::GivenBack => Ok(Released::GivenBack),
+            Releasing::Spent(record, uses_before) => {
+                self.after_change(&hash, &record);
+                self.enter_redeemed(&hash, &record, uses_before);
+                Ok(Released::Spent)
+            }
         }
-        record.release(holder);
-        self.save(&hash, &record)?;
-        Ok(Released::GivenBack)
     }
 
     /// Redeems one use directly (`invite:use()`, accepted XEP-0379 subscriptions), on `host`.
@@ -604,10 +731,16 @@ impl<B: Backend> Book<B> {
         host: &str,
         now: i64,
     ) -> Result<Found, InviteError> {
-        let (_, Found { hash, mut record }) = self.validate(token, contact_of, host, now)?;
-        let uses_before = record.uses;
-        record.redeem_by(account, now)?;
-        self.save(&hash, &record)?;
+        self.acting_here(host)?;
+        let hash = Self::hash_of(token)?;
+        let (record, uses_before) = self.change(&hash, |mut record| {
+            self.made_here(&hash, &record)?;
+            let uses_before = record.uses;
+            self.settle(&mut record, now, None)?;
+            Self::usable_for(&record, contact_of, now)?;
+            record.redeem_by(account, now)?;
+            Ok((Next::Store(Box::new(record.clone())), (record, uses_before)))
+        })?;
         self.after_change(&hash, &record);
         if contact_of.is_none() {
             self.enter_redeemed(&hash, &record, uses_before);
@@ -619,73 +752,71 @@ impl<B: Backend> Book<B> {
     /// is left as it is and named in the error: `token-used`, `token-revoked`,
     /// `token-expired`.
     pub fn revoke(&self, token: &str, now: i64) -> Result<Found, InviteError> {
-        let (_, found) = self.find(token)?;
-        self.revoke_found(found, now, false)
+        self.revoke_hash(&Self::hash_of(token)?, now, false)
     }
 
     /// Revokes the invite of `hash` (admin commands name invites by key or id).
     pub fn revoke_key(&self, hash: &TokenHash, now: i64) -> Result<Found, InviteError> {
-        let record = self.load(hash)?;
-        self.revoke_found(
-            Found {
-                hash: *hash,
-                record,
-            },
-            now,
-            false,
-        )
+        self.revoke_hash(hash, now, false)
     }
 
     /// Revokes a found invite still to be had; with `expired_too`, also one that only ran
     /// out of time (so that no edit can give it new life), still answering `token-expired`.
-    fn revoke_found(
+    fn revoke_hash(
         &self,
-        found: Found,
+        hash: &TokenHash,
         now: i64,
         expired_too: bool,
     ) -> Result<Found, InviteError> {
-        let Found { hash, mut record } = found;
-        let uses_before = record.uses;
-        self.settle(&mut record, now, None)?;
-        match record.status(now) {
-            Status::Pending | Status::Reserved => {}
-            Status::Used => return Err(InviteError::TokenUsed),
-            Status::Revoked => return Err(InviteError::TokenRevoked),
-            Status::Expired if expired_too => {
-                record.revoke(now);
-                self.save(&hash, &record)?;
-                self.after_change(&hash, &record);
-                return Err(InviteError::TokenExpired);
+        let mut expired = false;
+        let (record, uses_before) = self.change(hash, |mut record| {
+            let uses_before = record.uses;
+            self.settle(&mut record, now, None)?;
+            expired = false;
+            match record.status(now) {
+                Status::Pending | Status::Reserved => {}
+                Status::Used => return Err(InviteError::TokenUsed),
+                Status::Revoked => return Err(InviteError::TokenRevoked),
+                Status::Expired if expired_too => expired = true,
+                Status::Expired => return Err(InviteError::TokenExpired),
             }
-            Status::Expired => return Err(InviteError::TokenExpired),
+            record.revoke(now);
+            Ok((Next::Store(Box::new(record.clone())), (record, uses_before)))
+        })?;
+        self.after_change(hash, &record);
+        if expired {
+            return Err(InviteError::TokenExpired);
         }
-        record.revoke(now);
-        self.save(&hash, &record)?;
-        self.after_change(&hash, &record);
-        self.enter_redeemed(&hash, &record, uses_before);
-        Ok(Found { hash, record })
+        self.enter_redeemed(hash, &record, uses_before);
+        Ok(Found {
+            hash: *hash,
+            record,
+        })
     }
 
     /// Applies an administrator's changes to the invite of `hash` (see
     /// `InviteRecord::edit`), in one read-check-write: an invite nobody stored is
     /// `no-such-invite`. A bound username stays held until the new expiry.
     pub fn edit(&self, hash: &TokenHash, edit: &Edit, now: i64) -> Result<Found, InviteError> {
-        let mut record = match self.load(hash) {
-            Err(InviteError::TokenInvalid) => return Err(InviteError::NoSuchInvite),
-            loaded => loaded?,
-        };
-        let uses_before = record.uses;
-        self.settle(&mut record, now, None)?;
-        let expires_before = record.expires;
-        record.edit(edit, now)?;
-        if record.expires != expires_before {
-            if let Some(name) = reserved_name(&record) {
-                // Before the record: a later expiry in the index than in the record holds
-                // nothing (`username_reserved` reads the record), an earlier one could.
-                self.index_name(name, hash, record.expires)?;
+        let edited = self.change(hash, |mut record| {
+            let uses_before = record.uses;
+            self.settle(&mut record, now, None)?;
+            let expires_before = record.expires;
+            record.edit(edit, now)?;
+            if record.expires != expires_before {
+                if let Some(name) = reserved_name(&record) {
+                    // Before the record: a later expiry in the index than in the record
+                    // holds nothing (`username_reserved` reads the record), an earlier one
+                    // could.
+                    self.index_name(name, hash, record.expires)?;
+                }
             }
-        }
-        self.save(hash, &record)?;
+            Ok((Next::Store(Box::new(record.clone())), (record, uses_before)))
+        });
+        let (record, uses_before) = match edited {
+            Err(InviteError::TokenInvalid) => return Err(InviteError::NoSuchInvite),
+            edited => edited?,
+        };
         self.after_change(hash, &record);
         self.enter_redeemed(hash, &record, uses_before);
         self.backend
@@ -724,7 +855,7 @@ impl<B: Backend> Book<B> {
             if !record.is_from(username) {
                 continue;
             }
-            match self.revoke_found(Found { hash, record }, now, true) {
+            match self.revoke_hash(&hash, now, true) {
                 Ok(_) => revoked += 1,
                 Err(
                     InviteError::TokenUsed | InviteError::TokenRevoked | InviteError::TokenExpired,
@@ -748,16 +879,21 @@ impl<B: Backend> Book<B> {
     /// `username` registered without an invite: its entry says when, and that nobody
     /// invited it. An account the tree knows as registered (and not deleted) is left as it is.
     pub fn account_registered(&self, username: &str, now: i64) -> Result<(), InviteError> {
-        let mut entry = self.read_entry(username)?.unwrap_or_else(AccountEntry::new);
-        if entry.registered.is_some() && entry.deleted.is_none() {
-            return Ok(());
-        }
-        entry.by = None;
-        entry.source = None;
-        entry.invite = None;
-        entry.registered = Some(now);
-        entry.deleted = None;
-        self.write_entry(username, &entry)
+        self.change_entry(
+            username,
+            |e| e,
+            |entry| {
+                if entry.registered.is_some() && entry.deleted.is_none() {
+                    return Ok(false);
+                }
+                entry.by = None;
+                entry.source = None;
+                entry.invite = None;
+                entry.registered = Some(now);
+                entry.deleted = None;
+                Ok(true)
+            },
+        )
     }
 
     /// `username` was deleted: its invites still to be had are revoked (see `revoke_by`),
@@ -765,12 +901,14 @@ impl<B: Backend> Book<B> {
     /// Returns how many invites it revoked.
     pub fn account_deleted(&self, username: &str, now: i64) -> Result<usize, InviteError> {
         let revoked = self.revoke_by(username, now);
-        let marked = || -> Result<(), InviteError> {
-            let mut entry = self.read_entry(username)?.unwrap_or_else(AccountEntry::new);
-            entry.deleted = Some(now);
-            self.write_entry(username, &entry)
-        };
-        let marked = marked();
+        let marked = self.change_entry(
+            username,
+            |e| e,
+            |entry| {
+                entry.deleted = Some(now);
+                Ok(true)
+            },
+        );
         let revoked = revoked?;
         marked?;
         Ok(revoked)
@@ -783,23 +921,15 @@ impl<B: Backend> Book<B> {
             error,
             retry_at: None,
         };
-        let mut entry = self
-            .read_entry(username)
-            .map_err(failed)?
-            .unwrap_or_else(AccountEntry::new);
-        quota::charge(&mut entry, rule, now)?;
-        self.write_entry(username, &entry).map_err(failed)
+        self.change_entry(username, failed, |entry| {
+            quota::charge(entry, rule, now)?;
+            Ok(true)
+        })
     }
 
     /// Gives back the charge `charge` made at `at` for an invite that was never made.
     pub fn refund(&self, username: &str, at: i64) -> Result<(), InviteError> {
-        let Some(mut entry) = self.read_entry(username)? else {
-            return Ok(());
-        };
-        if quota::refund(&mut entry, at) {
-            self.write_entry(username, &entry)?;
-        }
-        Ok(())
+        self.change_entry(username, |e| e, |entry| Ok(quota::refund(entry, at)))
     }
 
     /// The invite an admin means by `reference`: a token, a handle (the full key), or a
@@ -851,25 +981,26 @@ impl<B: Backend> Book<B> {
     /// Removes the record of `hash` if the invite is over (used, revoked or expired) and
     /// has been for `keep` seconds. Returns whether it was removed.
     pub fn prune(&self, hash: &TokenHash, now: i64, keep: i64) -> Result<bool, InviteError> {
-        let mut record = match self.load(hash) {
-            Ok(record) => record,
+        let removed = self.change(hash, |mut record| {
+            let uses_before = record.uses;
+            self.settle(&mut record, now, None)?;
+            let over_since = match record.status(now) {
+                Status::Pending | Status::Reserved => return Ok((Next::Keep, None)),
+                Status::Expired => record.expires,
+                Status::Used | Status::Revoked => record.changed_at.unwrap_or(record.expires),
+            };
+            if over_since.saturating_add(keep) > now {
+                return Ok((Next::Keep, None));
+            }
+            Ok((Next::Remove, Some((record, uses_before))))
+        });
+        let (record, uses_before) = match removed {
+            Ok(Some(removed)) => removed,
+            Ok(None) => return Ok(false),
             // Corrupt records stay for an admin to look at; unknown keys are not ours.
             Err(InviteError::TokenInvalid) => return Ok(false),
             Err(e) => return Err(e),
         };
-        let uses_before = record.uses;
-        self.settle(&mut record, now, None)?;
-        let over_since = match record.status(now) {
-            Status::Pending | Status::Reserved => return Ok(false),
-            Status::Expired => record.expires,
-            Status::Used | Status::Revoked => record.changed_at.unwrap_or(record.expires),
-        };
-        if over_since.saturating_add(keep) > now {
-            return Ok(false);
-        }
-        self.backend
-            .put(Space::Invites, &hash.key(), None)
-            .map_err(|e| self.storage_failed("remove", &hash.short_id(), &e))?;
         let mut gone = record;
         gone.state = StoredState::Revoked;
         self.after_change(hash, &gone);
@@ -932,9 +1063,6 @@ impl<B: Backend> Book<B> {
         }
         let token = Token::parse(token)?;
         let hash = token.hash();
-        if self.exists(&hash)? {
-            return Ok(false);
-        }
         let (username, reset) = legacy_binding(&legacy);
         let inviter = match legacy.kind {
             InviteKind::Roster => legacy
@@ -971,7 +1099,10 @@ impl<B: Backend> Book<B> {
             note: None,
             redemptions: Vec::new(),
         };
-        self.save(&hash, &record)?;
+        if !self.store_new(&hash, &record)? {
+            // Imported already (by this process, or another sharing the storage).
+            return Ok(false);
+        }
         if let Some(name) = reserved_name(&record) {
             self.index_name(name, &hash, record.expires)?;
         }
@@ -1013,10 +1144,61 @@ impl<B: Backend> Book<B> {
         }
     }
 
-    fn write_entry(&self, username: &str, entry: &AccountEntry) -> Result<(), InviteError> {
-        self.backend
-            .put(Space::Accounts, &entry_key(username), Some(&entry.encode()))
-            .map_err(|e| self.entry_failed("write", username, &e))
+    /// One atomic read-check-write of the entry of `username` (see `Backend::update`):
+    /// `decide` is shown it (none, or a corrupt one, as a new entry) and changes it, saying
+    /// whether to store it. It may be shown the entry again when another process wrote it.
+    fn change_entry<E>(
+        &self,
+        username: &str,
+        failed: impl Fn(InviteError) -> E,
+        mut decide: impl FnMut(&mut AccountEntry) -> Result<bool, E>,
+    ) -> Result<(), E> {
+        let mut refused = None;
+        let updated = self
+            .backend
+            .update(Space::Accounts, &entry_key(username), &mut |text| {
+                let mut entry = match text.map(AccountEntry::decode) {
+                    Some(Ok(entry)) => entry,
+                    Some(Err(e)) => {
+                        self.backend.log(
+                            Level::Warn,
+                            &format!("ignoring corrupt account entry of {username}: {e}"),
+                        );
+                        AccountEntry::new()
+                    }
+                    None => AccountEntry::new(),
+                };
+                refused = None;
+                match decide(&mut entry) {
+                    Ok(true) => Write::Put(entry.encode()),
+                    Ok(false) => Write::Keep,
+                    Err(e) => {
+                        refused = Some(e);
+                        Write::Keep
+                    }
+                }
+            });
+        if let Some(e) = refused {
+            return Err(e);
+        }
+        match updated {
+            Ok(_) => Ok(()),
+            Err(StoreError::Malformed(what)) => {
+                // The slot holds what no entry is: replace it.
+                self.backend.log(
+                    Level::Warn,
+                    &format!("ignoring corrupt account entry of {username}: {what}"),
+                );
+                let mut entry = AccountEntry::new();
+                if decide(&mut entry)? {
+                    self.backend
+                        .put(Space::Accounts, &entry_key(username), Some(&entry.encode()))
+                        .map_err(|e| failed(self.entry_failed("write", username, &e)))?;
+                }
+                Ok(())
+            }
+            Err(e) => Err(failed(self.entry_failed("write", username, &e))),
+        }
     }
 
     fn entry_failed(&self, what: &str, username: &str, e: &StoreError) -> InviteError {
@@ -1054,23 +1236,26 @@ impl<B: Backend> Book<B> {
     ) -> Result<(), InviteError> {
         let id = hash.short_id();
         let by = record.invited_by();
-        let mut entry = self.read_entry(child)?.unwrap_or_else(AccountEntry::new);
-        let entered = entry.invite.as_deref() == Some(id.as_str())
-            && entry.registered.is_some()
-            && entry.deleted.is_none();
-        if !entered {
-            entry.by = by.map(str::to_owned);
-            entry.source.clone_from(&record.source);
-            entry.invite = Some(id);
-            entry.registered = Some(at);
-            entry.deleted = None;
-            self.write_entry(child, &entry)?;
-        }
+        self.change_entry(
+            child,
+            |e| e,
+            |entry| {
+                let entered = entry.invite.as_deref() == Some(id.as_str())
+                    && entry.registered.is_some()
+                    && entry.deleted.is_none();
+                if entered {
+                    return Ok(false);
+                }
+                entry.by = by.map(str::to_owned);
+                entry.source.clone_from(&record.source);
+                entry.invite = Some(id.clone());
+                entry.registered = Some(at);
+                entry.deleted = None;
+                Ok(true)
+            },
+        )?;
         if let Some(parent) = by {
-            let mut entry = self.read_entry(parent)?.unwrap_or_else(AccountEntry::new);
-            if entry.add_invited(child) {
-                self.write_entry(parent, &entry)?;
-            }
+            self.change_entry(parent, |e| e, |entry| Ok(entry.add_invited(child)))?;
         }
         Ok(())
     }
@@ -1105,13 +1290,18 @@ impl<B: Backend> Book<B> {
         hash: &TokenHash,
         expires: i64,
     ) -> Result<(), InviteError> {
-        let mut index = self.load_index(username)?.unwrap_or(NameIndex {
-            v: RECORD_VERSION,
-            ..NameIndex::default()
-        });
-        index.invites.insert(hash.key(), expires);
         self.backend
-            .put(Space::Names, username, Some(&index.encode()))
+            .update(Space::Names, username, &mut |text| {
+                let mut index = text
+                    .and_then(|t| NameIndex::decode(t).ok())
+                    .unwrap_or(NameIndex {
+                        v: RECORD_VERSION,
+                        ..NameIndex::default()
+                    });
+                index.invites.insert(hash.key(), expires);
+                Write::Put(index.encode())
+            })
+            .map(|_| ())
             .map_err(|e| self.storage_failed("index", &hash.short_id(), &e))
     }
 
@@ -1124,19 +1314,20 @@ impl<B: Backend> Book<B> {
         let Some(name) = reserved_name(record) else {
             return;
         };
-        let Ok(Some(mut index)) = self.load_index(name) else {
-            return;
-        };
-        if index.invites.remove(&hash.key()).is_none() {
-            return;
-        }
-        let encoded = index.encode();
-        let value = if index.invites.is_empty() {
-            None
-        } else {
-            Some(encoded.as_str())
-        };
-        if let Err(e) = self.backend.put(Space::Names, name, value) {
+        let key = hash.key();
+        let updated = self.backend.update(Space::Names, name, &mut |text| {
+            let Some(mut index) = text.and_then(|t| NameIndex::decode(t).ok()) else {
+                return Write::Keep;
+            };
+            if index.invites.remove(&key).is_none() {
+                Write::Keep
+            } else if index.invites.is_empty() {
+                Write::Remove
+            } else {
+                Write::Put(index.encode())
+            }
+        });
+        if let Err(e) = updated {
             self.backend.log(
                 Level::Warn,
                 &format!(
@@ -1180,6 +1371,7 @@ fn legacy_binding(legacy: &LegacyInvite) -> (Option<String>, Option<String>) {
 mod tests {
     use super::*;
     use crate::store::MemoryBackend;
+    use std::cell::RefCell;
 
     const HOST: &str = "example.com";
 
@@ -2521,5 +2713,234 @@ mod tests {
             .any(|(l, m)| *l == Level::Error && m.contains("account entry of bob")));
         assert!(logs.iter().all(|(_, m)| !m.contains(&t)));
         assert!(!everything_stored(&b).contains(&t));
+    }
+
+    // Two processes on one database: two books over backends sharing one map. Each test
+    // runs the second process's operation between the first one's read and its write
+    // (`MemoryBackend::interleave`), the moment a per-process lock cannot cover.
+
+    /// A second book over the same storage, and a place for the answer of what it runs.
+    fn other_process(b: &Book<MemoryBackend>) -> std::rc::Rc<Book<MemoryBackend>> {
+        std::rc::Rc::new(Book::new(b.backend().sharing(), HOST))
+    }
+
+    /// An invite of `a` for `uses` accounts, and its token.
+    fn with_uses(a: &Book<MemoryBackend>, uses: u32) -> (Created, String) {
+        let mut spec = account(None);
+        spec.max_uses = Some(uses);
+        let c = a.create(spec, 1000).unwrap();
+        let token = c.token.expose().to_owned();
+        (c, token)
+    }
+
+    /// Runs `f` on `b` in `a`'s next change, between its read and its write.
+    fn meanwhile(
+        a: &Book<MemoryBackend>,
+        b: &std::rc::Rc<Book<MemoryBackend>>,
+        f: impl FnOnce(&Book<MemoryBackend>) + 'static,
+    ) {
+        let b = std::rc::Rc::clone(b);
+        a.backend().interleave(move || f(&b));
+    }
+
+    fn uses_of(b: &Book<MemoryBackend>, hash: &TokenHash) -> (u32, usize) {
+        let r = b.listed(hash, 2000).unwrap().unwrap();
+        (r.uses, r.reservations.len())
+    }
+
+    #[test]
+    fn two_processes_reserving_the_last_use_one_account() {
+        let a = book();
+        let b = other_process(&a);
+        let c = a.create(account(None), 1000).unwrap();
+        let token = c.token.expose().to_owned();
+        let t2 = token.clone();
+        let other = std::rc::Rc::new(RefCell::new(None));
+        let answer = std::rc::Rc::clone(&other);
+        meanwhile(&a, &b, move |b2| {
+            let r = b2.reserve(&t2, &claim("B", "bob", 1001), HOST, 1002);
+            let r = r.and_then(|_| b2.confirm(&t2, "B", HOST, 1002));
+            *answer.borrow_mut() = Some(r.map(|_| ()));
+        });
+        // A read the invite pending; B took the use before A wrote.
+        assert_eq!(
+            a.reserve(&token, &claim("A", "alice", 1001), HOST, 1002)
+                .err(),
+            Some(InviteError::TokenUsed)
+        );
+        assert_eq!(other.borrow().clone(), Some(Ok(())));
+        assert_eq!(a.backend().conflicts.get(), 1);
+        assert_eq!(uses_of(&a, &c.hash), (1, 0));
+    }
+
+    #[test]
+    fn two_processes_redeeming_a_multi_use_invite_count_every_use() {
+        let a = book();
+        let b = other_process(&a);
+        let (c, token) = with_uses(&a, 2);
+        let t2 = token.clone();
+        meanwhile(&a, &b, move |b2| {
+            b2.redeem(&t2, None, HOST, 1002).unwrap();
+        });
+        a.redeem(&token, None, HOST, 1002).unwrap();
+        // Both uses counted: neither write lost the other's.
+        assert_eq!(uses_of(&a, &c.hash), (2, 0));
+        assert_eq!(
+            b.redeem(&token, None, HOST, 1003).err(),
+            Some(InviteError::TokenUsed)
+        );
+    }
+
+    #[test]
+    fn a_revocation_made_between_a_read_and_a_write_is_never_lost() {
+        let a = book();
+        let b = other_process(&a);
+        let (c, token) = with_uses(&a, 5);
+        let t2 = token.clone();
+        meanwhile(&a, &b, move |b2| {
+            b2.revoke(&t2, 1002).unwrap();
+        });
+        // A's registration read the invite pending; the revocation wins.
+        assert_eq!(
+            a.reserve(&token, &claim("A", "alice", 1001), HOST, 1002)
+                .err(),
+            Some(InviteError::TokenRevoked)
+        );
+        let r = a.listed(&c.hash, 1003).unwrap().unwrap();
+        assert_eq!(r.state, StoredState::Revoked);
+        assert!(r.reservations.is_empty());
+        // And the other way round: a revocation that read before a use was redeemed.
+        let c = a.create(account(None), 1000).unwrap();
+        let token = c.token.expose().to_owned();
+        let t2 = token.clone();
+        meanwhile(&a, &b, move |b2| {
+            b2.redeem(&t2, None, HOST, 1002).unwrap();
+        });
+        assert_eq!(a.revoke(&token, 1002).err(), Some(InviteError::TokenUsed));
+        assert_eq!(uses_of(&a, &c.hash), (1, 0));
+    }
+
+    #[test]
+    fn an_edit_keeps_a_reservation_made_in_between() {
+        let a = book();
+        let b = other_process(&a);
+        let c = a.create(account(None), 1000).unwrap();
+        let token = c.token.expose().to_owned();
+        let t2 = token.clone();
+        meanwhile(&a, &b, move |b2| {
+            b2.reserve(&t2, &claim("B", "bob", 1001), HOST, 1002)
+                .unwrap();
+        });
+        a.edit(&c.hash, &uses(3), 1002).unwrap();
+        let r = a.listed(&c.hash, 1003).unwrap().unwrap();
+        assert_eq!(r.use_limit(), Some(3));
+        assert_eq!(r.reservations.len(), 1);
+        b.confirm(&token, "B", HOST, 1004).unwrap();
+        assert_eq!(uses_of(&a, &c.hash), (1, 0));
+    }
+
+    #[test]
+    fn prune_leaves_an_invite_revived_in_between() {
+        let a = book();
+        let b = other_process(&a);
+        let c = a.create(account(None), 1000).unwrap();
+        let hash = c.hash;
+        meanwhile(&a, &b, move |b2| {
+            let edit = Edit {
+                expires: Some(5000),
+                max_uses: None,
+                note: None,
+            };
+            b2.edit(&hash, &edit, 1200).unwrap();
+        });
+        // Expired at 1100: prune read it over, the edit gave it until 5000 first.
+        assert!(!a.prune(&c.hash, 1200, 0).unwrap());
+        a.validate(c.token.expose(), None, HOST, 1201).unwrap();
+    }
+
+    #[test]
+    fn two_processes_releasing_and_confirming_one_reservation_each() {
+        let a = book();
+        let b = other_process(&a);
+        let (c, token) = with_uses(&a, 2);
+        a.reserve(&token, &claim("A", "alice", 1001), HOST, 1001)
+            .unwrap();
+        b.reserve(&token, &claim("B", "bob", 1001), HOST, 1001)
+            .unwrap();
+        let t2 = token.clone();
+        meanwhile(&a, &b, move |b2| {
+            b2.confirm(&t2, "B", HOST, 1002).unwrap();
+        });
+        assert_eq!(a.release(&token, "A", 1002).unwrap(), Released::GivenBack);
+        // Bob's use is spent, Alice's given back: one use left.
+        assert_eq!(uses_of(&a, &c.hash), (1, 0));
+        a.redeem(&token, None, HOST, 1003).unwrap();
+    }
+
+    #[test]
+    fn an_invite_imported_by_two_processes_is_stored_once() {
+        let a = book();
+        let b = other_process(&a);
+        let legacy = || LegacyInvite {
+            kind: InviteKind::Register,
+            jid: String::from("example.com"),
+            allow_registration: true,
+            additional_data: None,
+            created_at: 900,
+            expires: 5000,
+            reusable: false,
+            contact_of: None,
+            landing_page: None,
+        };
+        let token = "abcdefghijklmnopqrstuvwx";
+        let invite = legacy();
+        meanwhile(&a, &b, move |b2| {
+            assert!(b2.import_legacy(token, invite, 1000).unwrap());
+        });
+        assert!(!a.import_legacy(token, legacy(), 1000).unwrap());
+        assert_eq!(a.backend().count(Space::Invites), 1);
+    }
+
+    #[test]
+    fn two_processes_charging_one_quota_count_both() {
+        let a = book();
+        let b = other_process(&a);
+        let rule = Rule {
+            limit: Some(1),
+            period: None,
+            wait: None,
+        };
+        meanwhile(&a, &b, move |b2| {
+            b2.charge("alice", &rule, 1000).unwrap();
+        });
+        assert_eq!(
+            a.charge("alice", &rule, 1000).err().map(|r| r.error),
+            Some(InviteError::QuotaExceeded)
+        );
+        assert_eq!(a.account("alice").unwrap().unwrap().created, [1000]);
+    }
+
+    #[test]
+    fn an_invite_changed_at_every_attempt_is_left_alone_and_said() {
+        let a = book();
+        let c = a.create(account(None), 1000).unwrap();
+        let key = c.hash.key();
+        let before = a.backend().raw(Space::Invites, &key).unwrap();
+        let slots = std::rc::Rc::clone(&a.backend().slots);
+        let mut n = 0;
+        // Another writer changes the slot each time, between our read and our write.
+        let written = a.backend().update(Space::Invites, &key, &mut |_| {
+            n += 1;
+            slots
+                .borrow_mut()
+                .insert((Space::Invites, key.clone()), format!("{before}{n}"));
+            Write::Put(String::from("ours"))
+        });
+        assert_eq!(written, Err(StoreError::Contended));
+        assert_eq!(n, crate::error::UPDATE_ATTEMPTS);
+        assert_ne!(
+            a.backend().raw(Space::Invites, &key).as_deref(),
+            Some("ours")
+        );
     }
 }

@@ -106,6 +106,9 @@ impl fmt::Display for InviteError {
 
 impl std::error::Error for InviteError {}
 
+/// How often `Backend::update` reads again after another writer got in first.
+pub const UPDATE_ATTEMPTS: usize = 32;
+
 /// A failure reported by the storage backend (Prosody's store API).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreError {
@@ -113,6 +116,8 @@ pub enum StoreError {
     Backend(String),
     /// The backend returned a value of a shape we never write.
     Malformed(String),
+    /// Other writers changed the slot every time between our read and our write.
+    Contended,
 }
 
 impl fmt::Display for StoreError {
@@ -120,6 +125,10 @@ impl fmt::Display for StoreError {
         match self {
             StoreError::Backend(e) => write!(f, "storage error: {e}"),
             StoreError::Malformed(e) => write!(f, "malformed stored value: {e}"),
+            StoreError::Contended => write!(
+                f,
+                "changed by other writers at each of {UPDATE_ATTEMPTS} attempts"
+            ),
         }
     }
 }

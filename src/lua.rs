@@ -28,7 +28,7 @@
 //! No Rust panic crosses into Lua: every book method runs under `catch_unwind` and reports
 //! a panic as `nil, "internal-server-error"`.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::fmt;
 use std::num::NonZeroU32;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -41,17 +41,18 @@ use zeroize::Zeroizing;
 
 use crate::book::{record_uri, Book, Created, LegacyInvite, NewInvite, Provenance, TokenStorage};
 use crate::duration::{parse_duration, period_setting, PeriodSetting};
-use crate::error::{InviteError, StoreError};
+use crate::error::{InviteError, StoreError, UPDATE_ATTEMPTS};
 use crate::quota::Rule;
 use crate::record::{
     AccountEntry, InviteKind, InviteRecord, LandingPage, MAX_NOTE_LEN, MAX_SOURCE_LEN,
 };
 use crate::state::{Claim, Edit, Status};
-use crate::store::{Backend, Level, Space};
+use crate::store::{read_decide_write, Backend, Level, Space, Write};
 use crate::throttle::Throttle;
 use crate::token::{Token, TokenHash};
 
-/// Prosody keyval stores and a log function, as handed over by the shim.
+/// Prosody keyval stores and a log function, as handed over by the shim, and how a change
+/// is kept atomic between processes sharing the storage (`Atomic`).
 pub struct LuaBackend {
     lua: WeakLua,
     invites: Table,
@@ -60,6 +61,70 @@ pub struct LuaBackend {
     accounts: Option<Table>,
     log: Option<Function>,
     account_exists: Option<Function>,
+    atomic: Atomic,
+}
+
+/// How `update` keeps other processes out between its read and its write.
+enum Atomic {
+    /// Not at all (a storage module we cannot lock): atomic within this process only.
+    Process,
+    /// The shim's `swap(space, owner, expected, new)`: a compare-and-set in the database
+    /// (a conditional UPDATE, DELETE or INSERT on Prosody's SQL table), true when it took.
+    CompareAndSet(Function),
+    /// An advisory lock (flock) on this file, held around each change: files in a data
+    /// directory that the server and prosodyctl share.
+    FileLock(FileLock),
+}
+
+/// A lock file, opened on first use, locked around each change. A change made inside
+/// another (a name indexed while an invite is edited) is inside the same lock.
+struct FileLock {
+    path: std::path::PathBuf,
+    file: RefCell<Option<std::fs::File>>,
+    depth: Cell<usize>,
+}
+
+/// The lock of a `FileLock`, held until dropped (on every path out of a change).
+struct Held<'a>(&'a FileLock);
+
+impl FileLock {
+    fn hold(&self) -> Result<Held<'_>, StoreError> {
+        if self.depth.get() == 0 {
+            let mut file = self.file.borrow_mut();
+            if file.is_none() {
+                let opened = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .open(&self.path)
+                    .map_err(|e| self.failed("open", &e))?;
+                *file = Some(opened);
+            }
+            if let Some(f) = file.as_ref() {
+                f.lock().map_err(|e| self.failed("lock", &e))?;
+            }
+        }
+        self.depth.set(self.depth.get() + 1);
+        Ok(Held(self))
+    }
+
+    fn failed(&self, what: &str, e: &std::io::Error) -> StoreError {
+        StoreError::Backend(format!("could not {what} {}: {e}", self.path.display()))
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        let lock = self.0;
+        lock.depth.set(lock.depth.get().saturating_sub(1));
+        if lock.depth.get() == 0 {
+            if let Some(f) = lock.file.borrow().as_ref() {
+                // Closing the file would release it too; it stays open for the next change.
+                let _ = f.unlock();
+            }
+        }
+    }
 }
 
 impl LuaBackend {
@@ -69,6 +134,37 @@ impl LuaBackend {
             Space::Names => Some(&self.names),
             Space::Accounts => self.accounts.as_ref(),
         }
+    }
+
+    /// One compare-and-set by the shim's `swap`: whether it took.
+    fn swap(
+        &self,
+        swap: &Function,
+        space: Space,
+        owner: &str,
+        expected: Option<&str>,
+        new: Option<&str>,
+    ) -> Result<bool, StoreError> {
+        let (took, err): (Value, Value) = swap
+            .call((space_name(space), owner, expected, new))
+            .map_err(|e| StoreError::Backend(lua_error_text(&e)))?;
+        match took {
+            Value::Boolean(took) => Ok(took),
+            Value::Nil => Err(StoreError::Backend(describe(&err))),
+            other => Err(StoreError::Backend(format!(
+                "swap answered {}",
+                other.type_name()
+            ))),
+        }
+    }
+}
+
+/// The name of a space, as the shim's `swap` knows it.
+fn space_name(space: Space) -> &'static str {
+    match space {
+        Space::Invites => "invites",
+        Space::Names => "names",
+        Space::Accounts => "accounts",
     }
 }
 
@@ -140,6 +236,42 @@ impl Backend for LuaBackend {
             Value::Nil | Value::Boolean(false) => Err(StoreError::Backend(describe(&err))),
             _ => Ok(()),
         }
+    }
+
+    fn update(
+        &self,
+        space: Space,
+        owner: &str,
+        decide: &mut dyn FnMut(Option<&str>) -> Write,
+    ) -> Result<bool, StoreError> {
+        if self.store(space).is_none() {
+            return Ok(false);
+        }
+        let swap = match &self.atomic {
+            Atomic::CompareAndSet(swap) => swap,
+            // Nothing else writes while the lock is held (or, without one, while this runs:
+            // Prosody runs one thing at a time).
+            Atomic::FileLock(lock) => {
+                let _held = lock.hold()?;
+                return read_decide_write(self, space, owner, decide);
+            }
+            Atomic::Process => return read_decide_write(self, space, owner, decide),
+        };
+        for _ in 0..UPDATE_ATTEMPTS {
+            let current = self.get(space, owner)?;
+            let new = match decide(current.as_deref()) {
+                Write::Keep => return Ok(false),
+                Write::Put(v) => Some(v),
+                Write::Remove => None,
+            };
+            if new == current {
+                return Ok(true);
+            }
+            if self.swap(swap, space, owner, current.as_deref(), new.as_deref())? {
+                return Ok(true);
+            }
+        }
+        Err(StoreError::Contended)
     }
 
     /// Calls `visit` with each owner of the store (`store:users()`) until it says stop.
@@ -779,6 +911,19 @@ impl FromLua for BookConfig {
         let OptStore(accounts) = field(lua, &t, "accounts")?;
         let Callback(log) = field(lua, &t, "log")?;
         let Callback(account_exists) = field(lua, &t, "account_exists")?;
+        // Atomic between processes: a compare-and-set the shim does in the database, or a
+        // lock file; neither is atomic within this process only.
+        let Callback(swap) = field(lua, &t, "swap")?;
+        let OptText(lock_file) = field(lua, &t, "lock_file")?;
+        let atomic = match (swap, lock_file) {
+            (Some(swap), _) => Atomic::CompareAndSet(swap),
+            (None, Some(path)) if !path.is_empty() => Atomic::FileLock(FileLock {
+                path: path.into(),
+                file: RefCell::new(None),
+                depth: Cell::new(0),
+            }),
+            _ => Atomic::Process,
+        };
         // Sealed with a key file where one is named; "hash" keeps hashes only.
         let OptText(key_file) = field(lua, &t, "key_file")?;
         let OptText(token_storage) = field(lua, &t, "token_storage")?;
@@ -810,6 +955,7 @@ impl FromLua for BookConfig {
                 accounts,
                 log,
                 account_exists,
+                atomic,
             },
             storage,
         })
@@ -1600,6 +1746,54 @@ fn key_of(lua: &Lua, token: Value) -> mlua::Result<MultiValue> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn file_lock(path: &std::path::Path) -> FileLock {
+        FileLock {
+            path: path.to_owned(),
+            file: RefCell::new(None),
+            depth: Cell::new(0),
+        }
+    }
+
+    /// Whether another open file (another process, for flock) could take the lock now.
+    fn free(path: &std::path::Path) -> bool {
+        let f = std::fs::File::open(path).unwrap();
+        let free = f.try_lock().is_ok();
+        let _ = f.unlock();
+        free
+    }
+
+    #[test]
+    fn the_lock_file_is_held_for_a_change_and_released_on_every_way_out() {
+        let dir = std::env::temp_dir().join(format!("invites-lock-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("invites.lock");
+        let lock = file_lock(&path);
+        {
+            let _held = lock.hold().unwrap();
+            assert!(!free(&path));
+            {
+                // A change inside a change (a name indexed during an edit) is inside it.
+                let _inner = lock.hold().unwrap();
+            }
+            assert!(
+                !free(&path),
+                "the inner change released the outer one's lock"
+            );
+        }
+        assert!(free(&path));
+        // An error on the way out of a change releases it too.
+        let failing = || -> Result<(), StoreError> {
+            let _held = lock.hold()?;
+            Err(StoreError::Contended)
+        };
+        assert!(failing().is_err());
+        assert!(free(&path));
+        // A lock file that cannot be opened is a storage error, not a change without lock.
+        let nowhere = file_lock(&dir.join("missing").join("invites.lock"));
+        assert!(matches!(nowhere.hold().err(), Some(StoreError::Backend(_))));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     /// Builds a book over an in-Lua store whose `get` calls `broken_get` (a Rust function
     /// that panics) while the global `broken` is true.

@@ -5,8 +5,9 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
+use std::rc::Rc;
 
-use crate::error::StoreError;
+use crate::error::{StoreError, UPDATE_ATTEMPTS};
 
 /// The stores the core writes (see `record.rs` for what each holds).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -38,11 +39,45 @@ impl Level {
     }
 }
 
+/// What `Backend::update` is to do with the value it read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Write {
+    /// Nothing: the slot stays as it was read.
+    Keep,
+    Put(String),
+    Remove,
+}
+
+impl Write {
+    fn value(&self) -> Option<&str> {
+        match self {
+            Write::Put(v) => Some(v),
+            _ => None,
+        }
+    }
+}
+
 /// What the core needs from its host: one string slot per (space, owner), and a log.
 pub trait Backend {
     fn get(&self, space: Space, owner: &str) -> Result<Option<String>, StoreError>;
     /// `None` removes the slot.
     fn put(&self, space: Space, owner: &str, value: Option<&str>) -> Result<(), StoreError>;
+    /// One read-check-write of a slot: reads it, asks `decide` what to write, and writes
+    /// that unless another writer changed the slot since the read, in this process or in
+    /// another sharing the storage; then it reads again and asks again (at most
+    /// `UPDATE_ATTEMPTS` times, then `StoreError::Contended`). So `decide` may be called
+    /// more than once, and only its last answer counts. Returns whether it wrote.
+    ///
+    /// This default holds within one process only (Prosody runs one thing at a time);
+    /// backends that can lock or compare-and-set across processes override it.
+    fn update(
+        &self,
+        space: Space,
+        owner: &str,
+        decide: &mut dyn FnMut(Option<&str>) -> Write,
+    ) -> Result<bool, StoreError> {
+        read_decide_write(self, space, owner, decide)
+    }
     /// Calls `visit` with each owner of `space` until it says stop (returns false).
     fn each_key(&self, space: Space, visit: &mut dyn FnMut(&str) -> bool)
         -> Result<(), StoreError>;
@@ -52,12 +87,34 @@ pub trait Backend {
     fn account_exists(&self, username: &str) -> Result<bool, StoreError>;
 }
 
+/// `Backend::update` with nothing to keep other processes out: read, decide, write.
+pub fn read_decide_write<B: Backend + ?Sized>(
+    backend: &B,
+    space: Space,
+    owner: &str,
+    decide: &mut dyn FnMut(Option<&str>) -> Write,
+) -> Result<bool, StoreError> {
+    let current = backend.get(space, owner)?;
+    match decide(current.as_deref()) {
+        Write::Keep => Ok(false),
+        write => backend.put(space, owner, write.value()).map(|()| true),
+    }
+}
+
 impl<T: Backend + ?Sized> Backend for &T {
     fn get(&self, space: Space, owner: &str) -> Result<Option<String>, StoreError> {
         (**self).get(space, owner)
     }
     fn put(&self, space: Space, owner: &str, value: Option<&str>) -> Result<(), StoreError> {
         (**self).put(space, owner, value)
+    }
+    fn update(
+        &self,
+        space: Space,
+        owner: &str,
+        decide: &mut dyn FnMut(Option<&str>) -> Write,
+    ) -> Result<bool, StoreError> {
+        (**self).update(space, owner, decide)
     }
     fn each_key(
         &self,
@@ -74,10 +131,16 @@ impl<T: Backend + ?Sized> Backend for &T {
     }
 }
 
-/// In-memory backend for tests and benchmarks, with optional fault injection.
+/// Slots of a `MemoryBackend`, shared by the backends made with `sharing`.
+pub type Slots = Rc<RefCell<BTreeMap<(Space, String), String>>>;
+
+/// In-memory backend for tests and benchmarks, with optional fault injection. Its `update`
+/// is a compare-and-set, like the one on SQL: two backends made to share one map (see
+/// `sharing`) behave as two processes on one database, and `between_read_and_write` lets
+/// a test run the other one's operation at the worst moment.
 #[derive(Default)]
 pub struct MemoryBackend {
-    pub slots: RefCell<BTreeMap<(Space, String), String>>,
+    pub slots: Slots,
     pub logs: RefCell<Vec<(Level, String)>>,
     /// Fail one operation after this many more succeed (`None`: never), then work again.
     pub fail_after: Cell<Option<usize>>,
@@ -85,12 +148,31 @@ pub struct MemoryBackend {
     pub stay_failed: Cell<bool>,
     pub ops: Cell<usize>,
     /// Accounts that exist, as far as `account_exists` is concerned.
-    pub accounts: RefCell<std::collections::BTreeSet<String>>,
+    pub accounts: Rc<RefCell<std::collections::BTreeSet<String>>>,
+    /// Run once by the next `update`, after it read and decided and before it writes.
+    #[allow(clippy::type_complexity)]
+    pub between_read_and_write: RefCell<Option<Box<dyn FnOnce()>>>,
+    /// How many times an `update` found the slot changed since its read.
+    pub conflicts: Cell<usize>,
 }
 
 impl MemoryBackend {
     pub fn new() -> MemoryBackend {
         MemoryBackend::default()
+    }
+
+    /// Another backend over the same slots and accounts: another process on one database.
+    pub fn sharing(&self) -> MemoryBackend {
+        MemoryBackend {
+            slots: Rc::clone(&self.slots),
+            accounts: Rc::clone(&self.accounts),
+            ..MemoryBackend::default()
+        }
+    }
+
+    /// Runs `f` in the next `update`, between its read and its write.
+    pub fn interleave(&self, f: impl FnOnce() + 'static) {
+        *self.between_read_and_write.borrow_mut() = Some(Box::new(f));
     }
 
     fn tick(&self) -> Result<(), StoreError> {
@@ -147,6 +229,39 @@ impl Backend for MemoryBackend {
             }
         }
         Ok(())
+    }
+
+    /// Compare-and-set: the write happens only if the slot still holds what was read.
+    fn update(
+        &self,
+        space: Space,
+        owner: &str,
+        decide: &mut dyn FnMut(Option<&str>) -> Write,
+    ) -> Result<bool, StoreError> {
+        let key = (space, owner.to_owned());
+        for _ in 0..UPDATE_ATTEMPTS {
+            let read = self.get(space, owner)?;
+            let write = decide(read.as_deref());
+            if write == Write::Keep {
+                return Ok(false);
+            }
+            let interleaved = self.between_read_and_write.borrow_mut().take();
+            if let Some(other) = interleaved {
+                other();
+            }
+            self.tick()?;
+            let mut slots = self.slots.borrow_mut();
+            if slots.get(&key) != read.as_ref() {
+                self.conflicts.set(self.conflicts.get() + 1);
+                continue;
+            }
+            match write.value() {
+                Some(v) => slots.insert(key, v.to_owned()),
+                None => slots.remove(&key),
+            };
+            return Ok(true);
+        }
+        Err(StoreError::Contended)
     }
 
     fn each_key(

@@ -110,7 +110,9 @@ end
 read_options();
 
 local book;
-local invite_store, account_store;
+local invite_store, account_store; -- as the core reads them (on SQL, listings read pages)
+local storage_access; -- how changes stay atomic between processes (storage.lib.lua)
+local make_storage_access = module:require("storage");
 
 local function account_exists(username)
 	return usermanager.user_exists(username, module.host);
@@ -120,20 +122,39 @@ local function log_from_core(level, message)
 	module:log(level, "%s", message);
 end
 
+-- The stores, by the core's names for them.
+local store_names = { invites = "invites", names = "invites_by_username", accounts = "invite_accounts" };
+
 local function open_book()
-	invite_store = module:open_store("invites");
-	account_store = module:open_store("invite_accounts");
+	local opened = {};
+	for space, name in pairs(store_names) do
+		opened[space] = module:open_store(name);
+	end
+	storage_access = make_storage_access(module, opened, store_names,
+		module:get_option_boolean("invites_storage_lock", true));
+	if storage_access.warning then
+		-- Said by the server; prosodyctl commands would repeat it at every run.
+		module:log(prosody.process_type == "prosody" and "warn" or "debug", "Invites on %s: changes are atomic "
+			.. "within this process only; two processes sharing this storage could both spend one use of an invite",
+			storage_access.warning);
+	else
+		module:log("debug", "Changes to invites are atomic between processes: %s", storage_access.method);
+	end
+	invite_store, account_store = storage_access.store("invites"), storage_access.store("accounts");
 	book = with_text_errors(core.new({
 		host = module.host;
 		token_storage = token_storage;
 		key_file = key_file;
 		invites = invite_store;
-		names = module:open_store("invites_by_username");
+		names = opened.names;
 		-- Who invited whom, and each account's invite count (governance.lib.lua).
 		accounts = account_store;
 		log = log_from_core;
 		-- Settles registrations a crash cut short (see src/state.rs, settle_lapsed).
 		account_exists = account_exists;
+		-- Atomic between processes (storage.lib.lua): one of these, or neither.
+		swap = storage_access.swap;
+		lock_file = storage_access.lock_file;
 	}));
 end
 
@@ -616,6 +637,9 @@ end
 
 --- Migration from Prosody's own mod_invites (see migration.lib.lua)
 if prosody.process_type == "prosody" then
+	-- Opened at start in the server, so that a storage without atomic changes between
+	-- processes is said then, once.
+	get_book();
 	local ok, err = pcall(module:require("migration"), get_book);
 	if not ok then
 		module:log("error", "Migration of mod_invites invites failed: %s", err);
@@ -644,30 +668,34 @@ local function prune_keys(keys, first, batch, keep, now)
 	return removed, failed, last < #keys and last + 1 or nil;
 end
 
--- The keys of all stored invites, or nil, err. Collected first: some stores cannot be
--- written while their listing is open.
-local function all_keys()
-	get_book(); -- opens invite_store
-	local ok, keys = pcall(function ()
-		local list = {};
-		for key in invite_store:users() do
-			table.insert(list, key);
+-- The keys of the stored invites, a page at a time (on SQL, pages of a few hundred; on other
+-- storage, one page of every key, collected first: some stores cannot be written while their
+-- listing is open). Returns a function giving the next page (nil at the end), or nil, err.
+local function key_pages()
+	get_book(); -- opens the stores
+	local next_page = storage_access.pages("invites");
+	return function ()
+		local ok, page = pcall(next_page);
+		if not ok then
+			module:log("error", "Could not list the stored invites: %s", page);
+			return nil, "the invite store failed (the error is logged)";
 		end
-		return list;
-	end);
-	if not ok then
-		module:log("error", "Could not list the stored invites: %s", keys);
-		return nil, "the invite store failed (the error is logged)";
-	end
-	return keys;
+		return page;
+	end;
 end
 
 -- Removes finished invites older than `keep` seconds at once (the prune command). Returns
 -- how many, or nil, err if any could not be removed (the others are removed all the same).
 function prune(keep)
-	local keys, err = all_keys();
-	if not keys then return nil, err; end
-	local removed, failed = prune_keys(keys, 1, nil, keep or 0, os.time());
+	local next_page = key_pages();
+	local removed, failed, now = 0, 0, os.time();
+	while true do
+		local keys, err = next_page();
+		if err then return nil, err; end
+		if not keys then break; end
+		local r, f = prune_keys(keys, 1, nil, keep or 0, now);
+		removed, failed = removed + r, failed + f;
+	end
 	if failed > 0 then
 		return nil, ("%d removed, %d could not be read or removed (see the log)"):format(removed, failed);
 	end
@@ -681,8 +709,9 @@ local pruning = false; -- a run is under way (a short interval must not start a 
 
 local function prune_in_background()
 	if pruning then return; end
-	local keys, now = all_keys(), os.time();
-	if not keys then return; end -- logged; the next interval tries again
+	local next_page, now = key_pages(), os.time();
+	local keys, err = next_page();
+	if not keys then return; end -- none, or logged: the next interval tries again
 	pruning = true;
 	local removed, failed, next_key = 0, 0, 1;
 	local function step()
@@ -693,12 +722,17 @@ local function prune_in_background()
 			return nil;
 		end
 		removed, failed, next_key = removed + r, failed + f, after;
+		if not next_key then -- this page is done: the next one, if any
+			keys, err = next_page();
+			next_key = keys and 1;
+		end
 		if next_key then
 			return 0; -- again, on the next turn of the loop
 		end
 		pruning = false;
-		if failed > 0 then
-			module:log("warn", "Pruned %d finished invites; %d could not be read or removed", removed, failed);
+		if err or failed > 0 then
+			module:log("warn", "Pruned %d finished invites; %d could not be read or removed%s", removed, failed,
+				err and ", and the listing stopped" or "");
 		elseif removed > 0 then
 			module:log("info", "Pruned %d finished invites", removed);
 		end
