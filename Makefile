@@ -49,7 +49,7 @@ PYTHON := sh .ci/python
 # Lua versions the boundary specs run on (each with its own build of the core).
 LUA_MATRIX := 5.1 5.2 5.3 5.4 jit
 
-.PHONY: all build install deps test test-rust test-busted test-lua-versions test-integration test-prosody13 test-prosody1306 test-prosody-newest bench bench-quick bench-tree bench-core lint run clean load load-prosody13 fuzz fuzz-smoke
+.PHONY: all build install deps test test-rust test-busted test-lua-versions test-integration test-prosody13 test-prosody1306 test-prosody-newest bench bench-quick bench-ab bench-registration bench-tree bench-core lint run clean load load-prosody13 fuzz fuzz-smoke
 
 all: build
 
@@ -123,13 +123,29 @@ test-prosody-newest: deps build $(PROSODY_NEWEST_READY)
 	PROSODY_BIN=$(CURDIR)/$(PROSODY_NEWEST)/bin/prosody PROSODYCTL_BIN=$(CURDIR)/$(PROSODY_NEWEST)/bin/prosodyctl \
 		$(PYTHON) -m pytest -q spec/integration
 
-# Ours vs Prosody's own store in a real Prosody, N up to 100,000 (about 40 min; see bench/README.md).
+# Every benchmark of bench/README.md: ours vs Prosody's own in separate servers (run.py, N up to
+# 100,000, about 40 min), the same interleaved per operation in one server with the locked path
+# against the unlocked one (ab.py, about 30 min), and invite vs open registration (registration.py).
 bench: deps build
 	$(PYTHON) bench/run.py
+	$(PYTHON) bench/ab.py
+	$(PYTHON) bench/registration.py
 
-# The same up to N = 10,000 (about 2 min).
+# The same, smaller (about 5 min).
 bench-quick: deps build
 	$(PYTHON) bench/run.py --quick
+	$(PYTHON) bench/ab.py --quick
+	$(PYTHON) bench/registration.py --quick
+
+# Per-operation A/B in one Prosody: ours, Prosody's own, ours with invites_storage_lock = false;
+# internal, SQLite, PostgreSQL (skipped when not installed); listing memory. BENCH_ARGS=--quick etc.
+BENCH_ARGS ?=
+bench-ab: deps build
+	$(PYTHON) bench/ab.py $(BENCH_ARGS)
+
+# Registrations/s with an invite against open registration, interleaved bursts in one Prosody.
+bench-registration: deps build
+	$(PYTHON) bench/registration.py $(BENCH_ARGS)
 
 # `prosodyctl mod_invites tree` on 0 to 100,000 accounts: time and peak memory (about 2 min).
 bench-tree: deps build
@@ -149,7 +165,8 @@ clean:
 	cargo clean
 
 # Load: 200 clients race for 20 invites x 5 uses plus 50 invalid tokens (spec/load/load.py);
-# prints registrations/s and latency, fails on any broken invariant. LOAD_ARGS to resize.
+# prints registrations/s and latency, fails on any broken invariant. LOAD_ARGS to resize;
+# LOAD_ARGS="--processes 1,2" also runs two Prosody processes on one storage, side by side.
 LOAD_ARGS ?=
 load: deps build
 	$(PYTHON) spec/load/load.py $(LOAD_ARGS)

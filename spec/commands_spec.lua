@@ -3,7 +3,7 @@
 local helpers = require "spec.helpers";
 
 package.loaded["core.usermanager"] = package.loaded["core.usermanager"] or { user_exists = function () return false; end };
-package.loaded["core.storagemanager"] = { initialize_host = function () end };
+helpers.fake_storage_core({ initialize_host = function () end });
 package.loaded["core.modulemanager"] = {
 	get_module = function () return nil; end;
 	get_modules_for_host = function () return { contains = function () return false; end }; end;

@@ -89,7 +89,17 @@ function helpers.fake_prosody_core()
 	};
 	package.loaded["core.modulemanager"] = { get_module = function () return nil; end };
 	package.loaded["core.rostermanager"] = {};
+	helpers.fake_storage_core();
 	return existing_users;
+end
+
+-- Storage as the shim asks about it: "internal", with its lock file in a temporary file.
+function helpers.fake_storage_core(storagemanager)
+	storagemanager = storagemanager or {};
+	storagemanager.get_driver = function () return nil, "internal"; end;
+	package.loaded["core.storagemanager"] = storagemanager;
+	local lock_file = os.tmpname();
+	package.loaded["util.datamanager"] = { getpath = function () return lock_file; end };
 end
 
 -- A fake Prosody `module` for loading a shim outside Prosody.

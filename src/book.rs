@@ -380,12 +380,8 @@ impl<B: Backend> Book<B> {
     /// Stores `record` under `hash` unless something is stored there already; whether it
     /// did.
     fn store_new(&self, hash: &TokenHash, record: &InviteRecord) -> Result<bool, InviteError> {
-        let encoded = record.encode();
         self.backend
-            .update(Space::Invites, &hash.key(), &mut |stored| match stored {
-                None => Write::Put(encoded.clone()),
-                Some(_) => Write::Keep,
-            })
+            .insert(Space::Invites, &hash.key(), &record.encode())
             .map_err(|e| self.storage_failed("write", &hash.short_id(), &e))
     }
 
@@ -394,16 +390,30 @@ impl<B: Backend> Book<B> {
         Ok(Token::parse(token)?.hash())
     }
 
-    /// Settles reservations a crash left behind (see `InviteRecord::settle_lapsed`).
-    /// Returns whether the record changed.
+    /// Settles the reservations of the invite of `hash` whose registration is over: those
+    /// whose account's entry says it was registered with this invite (`confirm_account`
+    /// writes no more than that entry), and those whose lease ran out (see
+    /// `InviteRecord::settle_lapsed`). Returns whether the record changed.
     fn settle(
         &self,
+        hash: &TokenHash,
         record: &mut InviteRecord,
         now: i64,
         except_holder: Option<&str>,
     ) -> Result<bool, InviteError> {
+        let id = hash.short_id();
+        let registered = record.settle_registered(except_holder, &mut |reservation| {
+            let (Some(username), Some(since)) = (&reservation.username, reservation.at) else {
+                return None;
+            };
+            // Unreadable: not settled here; the lease settles it.
+            let entry = self.read_entry(username).ok()??;
+            let registered = entry.registered?;
+            (entry.invite.as_deref() == Some(id.as_str()) && registered >= since)
+                .then_some(registered)
+        });
         let mut failure = None;
-        let changed = record.settle_lapsed(now, except_holder, &mut |username| {
+        let lapsed = record.settle_lapsed(now, except_holder, &mut |username| {
             match self.backend.account_exists(username) {
                 Ok(exists) => exists,
                 Err(e) => {
@@ -415,7 +425,7 @@ impl<B: Backend> Book<B> {
         });
         match failure {
             Some(e) => Err(self.storage_failed("check the accounts of", "-", &e)),
-            None => Ok(changed),
+            None => Ok(registered || lapsed),
         }
     }
 
@@ -550,7 +560,7 @@ impl<B: Backend> Book<B> {
         now: i64,
     ) -> Result<(Token, Found), InviteError> {
         let (token, mut found) = self.find_for(token, host)?;
-        if self.settle(&mut found.record, now, None)? {
+        if self.settle(&found.hash, &mut found.record, now, None)? {
             // Written so listings show it too; if that fails (logged), checking goes on
             // from the settled copy: a read must not fail for want of a write.
             let _ = self.settle_stored(&found.hash, now);
@@ -563,7 +573,7 @@ impl<B: Backend> Book<B> {
     fn settle_stored(&self, hash: &TokenHash, now: i64) -> Result<(), InviteError> {
         let settled = self.change(hash, |mut record| {
             let uses_before = record.uses;
-            if !self.settle(&mut record, now, None)? {
+            if !self.settle(hash, &mut record, now, None)? {
                 return Ok((Next::Keep, None));
             }
             Ok((
@@ -609,7 +619,7 @@ impl<B: Backend> Book<B> {
         let (record, uses_before) = self.change(&hash, |mut record| {
             self.made_here(&hash, &record)?;
             let uses_before = record.uses;
-            self.settle(&mut record, now, None)?;
+            self.settle(&hash, &mut record, now, None)?;
             record.reserve(claim, now)?;
             if record.username.as_deref() != Some(claim.username) && record.reset.is_none() {
                 // The name may be held for somebody else's invite.
@@ -647,11 +657,14 @@ impl<B: Backend> Book<B> {
     ) -> Result<Found, InviteError> {
         self.acting_here(host)?;
         let hash = Self::hash_of(token)?;
+        if let Some(found) = self.confirm_by_entry(&hash, holder, account, now)? {
+            return Ok(found);
+        }
         let mut overspent = false;
         let confirmed = self.change(&hash, |mut record| {
             self.made_here(&hash, &record)?;
             let uses_before = record.uses;
-            self.settle(&mut record, now, Some(holder))?;
+            self.settle(&hash, &mut record, now, Some(holder))?;
             let outcome = record.confirm_for(holder, account, now);
             overspent = outcome.is_err();
             outcome?;
@@ -670,6 +683,47 @@ impl<B: Backend> Book<B> {
         self.after_change(&hash, &record);
         self.enter_redeemed(&hash, &record, uses_before);
         Ok(Found { hash, record })
+    }
+
+    /// `confirm_account` without writing the invite, where the reservation names its account
+    /// and when it was made: the account's entry in the invite tree, which a registration
+    /// writes anyway, says it was registered with this invite, and that makes `settle`
+    /// count the reservation as spent wherever the invite is read next (a process that
+    /// wrote the invite then writes the use in). One write of the invite per registration,
+    /// not two. `None` where this does not apply (a reset, a reservation gone or of an
+    /// earlier version, a host without the tree's store) or the entry could not be
+    /// written: then the invite is written as before.
+    fn confirm_by_entry(
+        &self,
+        hash: &TokenHash,
+        holder: &str,
+        account: Option<&str>,
+        now: i64,
+    ) -> Result<Option<Found>, InviteError> {
+        if !self.backend.keeps(Space::Accounts) {
+            return Ok(None);
+        }
+        let mut record = self.load(hash)?;
+        self.made_here(hash, &record)?;
+        let Some(held) = record.reservations.iter().find(|r| r.holder == holder) else {
+            return Ok(None);
+        };
+        let (Some(username), Some(_)) = (held.username.clone(), held.at) else {
+            return Ok(None);
+        };
+        if account.is_some_and(|a| a != username) {
+            return Ok(None);
+        }
+        self.settle(hash, &mut record, now, Some(holder))?;
+        record.confirm_for(holder, Some(&username), now)?;
+        if self.enter_account(&username, hash, &record, now).is_err() {
+            return Ok(None);
+        }
+        self.after_change(hash, &record);
+        Ok(Some(Found {
+            hash: *hash,
+            record,
+        }))
     }
 
     /// The registration holding `holder` failed. Its use is given back, unless the account
@@ -736,7 +790,7 @@ impl<B: Backend> Book<B> {
         let (record, uses_before) = self.change(&hash, |mut record| {
             self.made_here(&hash, &record)?;
             let uses_before = record.uses;
-            self.settle(&mut record, now, None)?;
+            self.settle(&hash, &mut record, now, None)?;
             Self::usable_for(&record, contact_of, now)?;
             record.redeem_by(account, now)?;
             Ok((Next::Store(Box::new(record.clone())), (record, uses_before)))
@@ -771,7 +825,7 @@ impl<B: Backend> Book<B> {
         let mut expired = false;
         let (record, uses_before) = self.change(hash, |mut record| {
             let uses_before = record.uses;
-            self.settle(&mut record, now, None)?;
+            self.settle(hash, &mut record, now, None)?;
             expired = false;
             match record.status(now) {
                 Status::Pending | Status::Reserved => {}
@@ -800,7 +854,7 @@ impl<B: Backend> Book<B> {
     pub fn edit(&self, hash: &TokenHash, edit: &Edit, now: i64) -> Result<Found, InviteError> {
         let edited = self.change(hash, |mut record| {
             let uses_before = record.uses;
-            self.settle(&mut record, now, None)?;
+            self.settle(hash, &mut record, now, None)?;
             let expires_before = record.expires;
             record.edit(edit, now)?;
             if record.expires != expires_before {
@@ -983,7 +1037,7 @@ impl<B: Backend> Book<B> {
     pub fn prune(&self, hash: &TokenHash, now: i64, keep: i64) -> Result<bool, InviteError> {
         let removed = self.change(hash, |mut record| {
             let uses_before = record.uses;
-            self.settle(&mut record, now, None)?;
+            self.settle(hash, &mut record, now, None)?;
             let over_since = match record.status(now) {
                 Status::Pending | Status::Reserved => return Ok((Next::Keep, None)),
                 Status::Expired => record.expires,
@@ -1041,7 +1095,7 @@ impl<B: Backend> Book<B> {
     pub fn listed(&self, hash: &TokenHash, now: i64) -> Result<Option<InviteRecord>, InviteError> {
         match self.load(hash) {
             Ok(mut record) => {
-                self.settle(&mut record, now, None)?;
+                self.settle(hash, &mut record, now, None)?;
                 Ok(Some(record))
             }
             Err(InviteError::TokenInvalid) => Ok(None),
@@ -1922,7 +1976,7 @@ mod tests {
         b.reserve(t, &claim("B", "bob", 1003), "Example.COM", 1003)
             .unwrap();
         b.confirm(t, "B", HOST, 1003).unwrap();
-        assert_eq!(b.load(&c.hash).unwrap().uses, 1);
+        assert_eq!(b.listed(&c.hash, 1003).unwrap().unwrap().uses, 1);
         assert!(b
             .backend()
             .logs
@@ -2554,7 +2608,7 @@ mod tests {
         for h in ["A", "B", "C"] {
             b.confirm(t, h, HOST, 1002).unwrap();
         }
-        let r = b.load(&c.hash).unwrap();
+        let r = b.listed(&c.hash, 1002).unwrap().unwrap();
         assert_eq!((r.uses, r.status(1002)), (3, Status::Used));
         assert_eq!(r.redemptions.len(), 3);
         assert_eq!(
@@ -2580,7 +2634,8 @@ mod tests {
         assert_eq!(everything_stored(&b), before);
         b.edit(&c.hash, &uses(2), 1002).unwrap();
         b.confirm(t, "B", HOST, 1003).unwrap();
-        assert_eq!(b.load(&c.hash).unwrap().status(1003), Status::Used);
+        let r = b.listed(&c.hash, 1003).unwrap().unwrap();
+        assert_eq!(r.status(1003), Status::Used);
     }
 
     #[test]
@@ -2699,10 +2754,14 @@ mod tests {
             .unwrap();
         let t = c.token.expose().to_owned();
         b.reserve(&t, &claim("A", "bob", 1001), HOST, 1001).unwrap();
-        // confirm: the invite read and written, then the tree fails: the use is spent.
+        // confirm: the invite read, then the tree's entry cannot be written, nor anything
+        // after: the use stays held (and is spent when its lease lapses: bob exists).
         b.backend().fail_after.set(Some(2));
         b.backend().stay_failed.set(true);
-        b.confirm(&t, "A", HOST, 1001).unwrap();
+        assert_eq!(
+            b.confirm(&t, "A", HOST, 1001).err(),
+            Some(InviteError::Storage)
+        );
         let _ = b.account_deleted("alice", 1002);
         b.backend().fail_after.set(None);
         b.backend().stay_failed.set(false);
@@ -2713,6 +2772,39 @@ mod tests {
             .any(|(l, m)| *l == Level::Error && m.contains("account entry of bob")));
         assert!(logs.iter().all(|(_, m)| !m.contains(&t)));
         assert!(!everything_stored(&b).contains(&t));
+    }
+
+    #[test]
+    fn a_registration_writes_its_invite_once_and_its_entry_spends_the_use() {
+        let b = book();
+        let c = b.create(account(None), 1000).unwrap();
+        let t = c.token.expose();
+        b.reserve(t, &claim("A", "alice", 1001), HOST, 1001)
+            .unwrap();
+        let reserved = b.backend().raw(Space::Invites, &c.hash.key());
+        b.backend()
+            .accounts
+            .borrow_mut()
+            .insert(String::from("alice"));
+        assert_eq!(b.confirm(t, "A", HOST, 1002).unwrap().record.uses, 1);
+        // Not written again: alice's entry in the tree is what spends the use.
+        assert_eq!(b.backend().raw(Space::Invites, &c.hash.key()), reserved);
+        let r = b.listed(&c.hash, 1002).unwrap().unwrap();
+        assert_eq!((r.uses, r.status(1002)), (1, Status::Used));
+        assert_eq!(r.redemptions[0].account.as_deref(), Some("alice"));
+        assert_eq!(r.redemptions[0].at, 1002);
+        assert_eq!(
+            b.reserve(t, &claim("B", "bob", 1003), HOST, 1003).err(),
+            Some(InviteError::TokenUsed)
+        );
+        // Deleted before her reservation's lease ran out (1061): the use stays spent.
+        b.backend().accounts.borrow_mut().remove("alice");
+        b.account_deleted("alice", 1004).unwrap();
+        assert_eq!(
+            b.reserve(t, &claim("C", "carol", 1070), HOST, 1070).err(),
+            Some(InviteError::TokenUsed)
+        );
+        assert_eq!(b.listed(&c.hash, 1070).unwrap().unwrap().uses, 1);
     }
 
     // Two processes on one database: two books over backends sharing one map. Each test

@@ -61,7 +61,9 @@ pub struct LuaBackend {
     accounts: Option<Table>,
     log: Option<Function>,
     account_exists: Option<Function>,
-    atomic: Atomic,
+    /// Per space (`Space` order: invites, names, accounts): stores may be routed to
+    /// different storage (`storage = { invites = "sql" }`).
+    atomic: [Atomic; 3],
 }
 
 /// How `update` keeps other processes out between its read and its write.
@@ -72,8 +74,8 @@ enum Atomic {
     /// (a conditional UPDATE, DELETE or INSERT on Prosody's SQL table), true when it took.
     CompareAndSet(Function),
     /// An advisory lock (flock) on this file, held around each change: files in a data
-    /// directory that the server and prosodyctl share.
-    FileLock(FileLock),
+    /// directory that the server and prosodyctl share. One lock for every space.
+    FileLock(std::rc::Rc<FileLock>),
 }
 
 /// A lock file, opened on first use, locked around each change. A change made inside
@@ -247,7 +249,7 @@ impl Backend for LuaBackend {
         if self.store(space).is_none() {
             return Ok(false);
         }
-        let swap = match &self.atomic {
+        let swap = match &self.atomic[space as usize] {
             Atomic::CompareAndSet(swap) => swap,
             // Nothing else writes while the lock is held (or, without one, while this runs:
             // Prosody runs one thing at a time).
@@ -272,6 +274,23 @@ impl Backend for LuaBackend {
             }
         }
         Err(StoreError::Contended)
+    }
+
+    fn insert(&self, space: Space, owner: &str, value: &str) -> Result<bool, StoreError> {
+        match &self.atomic[space as usize] {
+            // The conditional INSERT is the check: no read before it.
+            Atomic::CompareAndSet(swap) if self.store(space).is_some() => {
+                self.swap(swap, space, owner, None, Some(value))
+            }
+            _ => self.update(space, owner, &mut |stored| match stored {
+                None => Write::Put(value.to_owned()),
+                Some(_) => Write::Keep,
+            }),
+        }
+    }
+
+    fn keeps(&self, space: Space) -> bool {
+        self.store(space).is_some()
     }
 
     /// Calls `visit` with each owner of the store (`store:users()`) until it says stop.
@@ -636,15 +655,15 @@ impl FromLua for Store {
     }
 }
 
-/// A store, or nil.
-struct OptStore(Option<Table>);
+/// A table (a store, say), or nil.
+struct OptTable(Option<Table>);
 
-impl FromLua for OptStore {
+impl FromLua for OptTable {
     fn from_lua(value: Value, _: &Lua) -> mlua::Result<Self> {
         match value {
-            Value::Nil => Ok(OptStore(None)),
-            Value::Table(t) => Ok(OptStore(Some(t))),
-            other => Err(expected("store or nil", &other)),
+            Value::Nil => Ok(OptTable(None)),
+            Value::Table(t) => Ok(OptTable(Some(t))),
+            other => Err(expected("table or nil", &other)),
         }
     }
 }
@@ -908,22 +927,45 @@ impl FromLua for BookConfig {
         let Host(host) = field(lua, &t, "host")?;
         let Store(invites) = field(lua, &t, "invites")?;
         let Store(names) = field(lua, &t, "names")?;
-        let OptStore(accounts) = field(lua, &t, "accounts")?;
+        let OptTable(accounts) = field(lua, &t, "accounts")?;
         let Callback(log) = field(lua, &t, "log")?;
         let Callback(account_exists) = field(lua, &t, "account_exists")?;
         // Atomic between processes: a compare-and-set the shim does in the database, or a
         // lock file; neither is atomic within this process only.
         let Callback(swap) = field(lua, &t, "swap")?;
         let OptText(lock_file) = field(lua, &t, "lock_file")?;
-        let atomic = match (swap, lock_file) {
-            (Some(swap), _) => Atomic::CompareAndSet(swap),
-            (None, Some(path)) if !path.is_empty() => Atomic::FileLock(FileLock {
+        let lock = lock_file.filter(|p| !p.is_empty()).map(|path| {
+            std::rc::Rc::new(FileLock {
                 path: path.into(),
                 file: RefCell::new(None),
                 depth: Cell::new(0),
-            }),
-            _ => Atomic::Process,
-        };
+            })
+        });
+        // Per space, "swap", "lock" or nothing (atomic within this process only).
+        let OptTable(modes) = field(lua, &t, "atomic")?;
+        let mut atomic = [Atomic::Process, Atomic::Process, Atomic::Process];
+        for space in [Space::Invites, Space::Names, Space::Accounts] {
+            let mode: Option<String> = match &modes {
+                Some(m) => m.get(space_name(space)).map_err(|_| {
+                    refused_field(
+                        "atomic",
+                        "a table of \"swap\" or \"lock\" by space expected",
+                    )
+                })?,
+                None => None,
+            };
+            atomic[space as usize] = match (mode.as_deref(), &swap, &lock) {
+                (Some("swap"), Some(swap), _) => Atomic::CompareAndSet(swap.clone()),
+                (Some("lock"), _, Some(lock)) => Atomic::FileLock(std::rc::Rc::clone(lock)),
+                (None, _, _) => Atomic::Process,
+                _ => {
+                    return Err(refused_field(
+                        "atomic",
+                        "\"swap\" needs swap, \"lock\" needs lock_file",
+                    ))
+                }
+            };
+        }
         // Sealed with a key file where one is named; "hash" keeps hashes only.
         let OptText(key_file) = field(lua, &t, "key_file")?;
         let OptText(token_storage) = field(lua, &t, "token_storage")?;

@@ -65,6 +65,9 @@ pub struct Reservation {
     /// lapsed, the server stopped between creating it and confirming, and the use is spent.
     #[serde(default)]
     pub username: Option<String>,
+    /// When it was made (records of earlier versions: unknown).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at: Option<i64>,
 }
 
 /// One use of an invite, redeemed.

@@ -144,6 +144,33 @@ impl InviteRecord {
         changed
     }
 
+    /// Spends the uses of the reservations (other than `except_holder`'s) whose account
+    /// `registered` knows was registered with this invite, and when (`None`: not, or not
+    /// known). Returns whether anything changed.
+    pub fn settle_registered(
+        &mut self,
+        except_holder: Option<&str>,
+        registered: &mut dyn FnMut(&Reservation) -> Option<i64>,
+    ) -> bool {
+        let mut kept = Vec::with_capacity(self.reservations.len());
+        let mut changed = false;
+        for r in std::mem::take(&mut self.reservations) {
+            let at = match Some(r.holder.as_str()) == except_holder {
+                true => None,
+                false => registered(&r),
+            };
+            match at {
+                Some(at) => {
+                    self.redeem_one(at, r.username);
+                    changed = true;
+                }
+                None => kept.push(r),
+            }
+        }
+        self.reservations = kept;
+        changed
+    }
+
     /// Holds one use for a registration about to happen.
     pub fn reserve(&mut self, claim: &Claim<'_>, now: i64) -> Result<(), InviteError> {
         self.prune_reservations(now);
@@ -196,6 +223,7 @@ impl InviteRecord {
             holder: claim.holder.to_owned(),
             until: claim.lease_until,
             username: self.reset.is_none().then(|| claim.username.to_owned()),
+            at: Some(now),
         });
         Ok(())
     }

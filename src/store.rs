@@ -78,6 +78,19 @@ pub trait Backend {
     ) -> Result<bool, StoreError> {
         read_decide_write(self, space, owner, decide)
     }
+    /// Stores `value` for `owner` unless something is stored there already (by this
+    /// process or another); whether it did. One `update` that writes only over nothing;
+    /// a compare-and-set backend needs no read first.
+    fn insert(&self, space: Space, owner: &str, value: &str) -> Result<bool, StoreError> {
+        self.update(space, owner, &mut |stored| match stored {
+            None => Write::Put(value.to_owned()),
+            Some(_) => Write::Keep,
+        })
+    }
+    /// Whether writes to `space` are kept (a host may have no store for the invite tree).
+    fn keeps(&self, _space: Space) -> bool {
+        true
+    }
     /// Calls `visit` with each owner of `space` until it says stop (returns false).
     fn each_key(&self, space: Space, visit: &mut dyn FnMut(&str) -> bool)
         -> Result<(), StoreError>;
@@ -115,6 +128,12 @@ impl<T: Backend + ?Sized> Backend for &T {
         decide: &mut dyn FnMut(Option<&str>) -> Write,
     ) -> Result<bool, StoreError> {
         (**self).update(space, owner, decide)
+    }
+    fn insert(&self, space: Space, owner: &str, value: &str) -> Result<bool, StoreError> {
+        (**self).insert(space, owner, value)
+    }
+    fn keeps(&self, space: Space) -> bool {
+        (**self).keeps(space)
     }
     fn each_key(
         &self,

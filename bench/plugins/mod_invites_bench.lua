@@ -33,8 +33,6 @@
 -- The module keeps only a bounded reservoir of tokens (not all N), so its own memory
 -- does not grow with N.
 
-local st = require "util.stanza";
-local json = require "util.json";
 local array = require "util.array";
 local id = require "util.id";
 local time = require "util.time";
@@ -299,27 +297,4 @@ function ops.prune()
 	return { pruned = removed, supported = true, elapsed = clock() - t0 };
 end
 
-local function handle(event)
-	local origin, stanza = event.origin, event.stanza;
-	if origin.type ~= "c2s" then
-		origin.send(st.error_reply(stanza, "auth", "forbidden", "authenticated c2s only"));
-		return true;
-	end
-	local req = stanza.tags[1];
-	local op = ops[req.attr.op];
-	if not op then
-		origin.send(st.error_reply(stanza, "modify", "bad-request", "unknown op "..tostring(req.attr.op)));
-		return true;
-	end
-	local ok, res = pcall(op, req.attr);
-	if not ok then
-		module:log("error", "bench op %s failed: %s", tostring(req.attr.op), tostring(res));
-		origin.send(st.error_reply(stanza, "wait", "internal-server-error", tostring(res)));
-		return true;
-	end
-	origin.send(st.reply(stanza):text_tag("result", json.encode(res), { xmlns = xmlns }));
-	return true;
-end
-
-module:hook("iq-set/host/"..xmlns..":bench", handle);
-module:hook("iq-set/self/"..xmlns..":bench", handle);
+module:require("bench_iq")(module, xmlns, "bench", ops);

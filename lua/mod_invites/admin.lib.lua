@@ -72,20 +72,23 @@ local function creator_arg(by)
 	return node;
 end
 
--- One line per invite; `all` includes used, expired and revoked ones; `by`, only those
--- created by that username. Streams the store (a listing never holds every record); nil,
--- err if the store fails.
-local function list_lines(all, by)
+-- One line per invite, each given to `emit` as it is read (a listing never holds every
+-- record); `all` includes used, expired and revoked ones; `by`, only those created by that
+-- username. Returns how many invites it listed, or nil, err if the store fails (the lines
+-- before the failure were given).
+local function list_lines(all, by, emit)
 	local book, now = ctx.book(), os.time();
 	local row = "%-10s  %-8s  %-8s  %-16s  %-16s  %-11s  %s";
-	local lines = { row:format("ID", "TYPE", "STATUS", "CREATED (UTC)", "EXPIRES (UTC)", "USES", "FOR") };
+	emit(row:format("ID", "TYPE", "STATUS", "CREATED (UTC)", "EXPIRES (UTC)", "USES", "FOR"));
+	local listed = 0;
 	local ok, err = pcall(function ()
 		for key in ctx.each_key() do
 			local invite = book:listed(key, now, false); -- the list shows no link: none opened
 			if invite and (all or invite.usable) and (not by or invite.creator == by) then
 				local target = describe_target(invite)..(invite.note and ("; note: "..invite.note) or "");
-				table.insert(lines, row:format(invite.id, invite.type, invite.status, when(invite.created_at),
+				emit(row:format(invite.id, invite.type, invite.status, when(invite.created_at),
 					when(invite.expires), uses_text(invite), target));
+				listed = listed + 1;
 			end
 		end
 	end);
@@ -93,7 +96,7 @@ local function list_lines(all, by)
 		module:log("error", "Could not list the stored invites: %s", err);
 		return nil, "Could not list: the invite store failed (the error is logged)";
 	end
-	return lines;
+	return listed;
 end
 
 -- The storage key an admin means: an id (or a unique end of one), a token or a handle.
@@ -417,10 +420,9 @@ local commands = {
 				by, err = creator_arg(opts.by);
 				if not by then return nil, err, "usage"; end
 			end
-			local lines, err = list_lines(opts.all, by);
-			if not lines then return nil, err; end
-			print_lines(print, lines);
-			return true, ("%d invites"):format(#lines - 1);
+			local listed, err = list_lines(opts.all, by, print);
+			if not listed then return nil, err; end
+			return true, ("%d invites"):format(listed);
 		end };
 	{ name = "show", args = ref_args, lines = true,
 		desc = "Show an invitation, by id (from list) or token",

@@ -137,8 +137,6 @@ local function open_book()
 		module:log(prosody.process_type == "prosody" and "warn" or "debug", "Invites on %s: changes are atomic "
 			.. "within this process only; two processes sharing this storage could both spend one use of an invite",
 			storage_access.warning);
-	else
-		module:log("debug", "Changes to invites are atomic between processes: %s", storage_access.method);
 	end
 	invite_store, account_store = storage_access.store("invites"), storage_access.store("accounts");
 	book = with_text_errors(core.new({
@@ -155,6 +153,7 @@ local function open_book()
 		-- Atomic between processes (storage.lib.lua): one of these, or neither.
 		swap = storage_access.swap;
 		lock_file = storage_access.lock_file;
+		atomic = storage_access.atomic;
 	}));
 end
 

@@ -25,10 +25,11 @@ local datamanager = require "util.datamanager";
 local resolve_relative_path = require "util.paths".resolve_relative_path;
 
 local page_size = 500;
--- Long enough for another process's write to finish, short enough that a database locked
--- for good (a backup holding it) fails a request rather than holding up the server (the
--- wait blocks it: LuaDBI cannot wait in the background).
-local busy_timeout_ms = 1000;
+-- In the server: long enough for another process's write to finish, short enough that a
+-- database locked for good (a backup holding it) fails a request rather than holding up the
+-- server (the wait blocks it: LuaDBI cannot wait in the background). A prosodyctl command
+-- holds up nobody: it waits longer for servers busy writing.
+local busy_timeout_ms = prosody.process_type == "prosody" and 1000 or 10000;
 
 local update_sql = [[
 UPDATE "prosody" SET "value"=?
@@ -79,25 +80,27 @@ local function sql_access(module, engine, stores)
 	end
 	if engine.params.driver == "SQLite3" and not engine.invites_busy_timeout then
 		engine.invites_busy_timeout = busy_timeout_ms;
-		-- On every (re)connection before anything else runs on it: mod_storage_sql's own
-		-- first statements (its CREATE TABLE) would otherwise fail at once on a database
-		-- another process is writing, and leave the connection in a transaction it cannot
-		-- commit.
-		local onconnect = engine.onconnect;
-		engine.onconnect = function (e, ...)
-			tune(e);
-			return onconnect(e, ...);
+		-- On every (re)connection before anything else runs on it (util.sql reads the
+		-- encoding first, then mod_storage_sql creates its table): without it, those would
+		-- fail at once on a database another process is writing, and leave the connection
+		-- without the timeout.
+		local set_encoding = engine.set_encoding;
+		engine.set_encoding = function (e, ...)
+			pcall(tune, e);
+			return set_encoding(e, ...);
 		end
-	end
-
-	-- util.sql leaves a transaction whose COMMIT failed open (still holding its locks):
-	-- roll it back, so the next one starts clean.
-	local function transaction(f, ...)
-		local ok, result = engine:transaction(f, ...);
-		if not ok and engine.conn then
-			pcall(engine.conn.rollback, engine.conn);
+		-- util.sql leaves a transaction whose COMMIT failed (the other process held its lock
+		-- past the timeout) open, holding its locks: nothing on this connection can commit
+		-- again while the other process waits for those locks too. Roll it back, so that
+		-- a failed transaction changed nothing (as it reports) and the next starts clean.
+		local run = engine._transaction;
+		engine._transaction = function (e, ...)
+			local ok, a, b, c = run(e, ...);
+			if not ok and e.conn then
+				pcall(e.conn.rollback, e.conn);
+			end
+			return ok, a, b, c;
 		end
-		return ok, result;
 	end
 
 	local function stored(owner, store)
@@ -108,7 +111,7 @@ local function sql_access(module, engine, stores)
 	-- holds `expected` (nil: nothing). True if it took, false if not, nil, err on failure.
 	local function swap(space, owner, expected, new)
 		local store = stores[space];
-		local ok, took = transaction(function ()
+		local ok, took = engine:transaction(function ()
 			tune();
 			local result;
 			if expected and new then
@@ -125,7 +128,7 @@ local function sql_access(module, engine, stores)
 		if ok then return took; end
 		if not expected and new then
 			-- Two inserts at once: the database's unique index refused the second.
-			local checked, found = transaction(stored, owner, store);
+			local checked, found = engine:transaction(stored, owner, store);
 			if checked and found then return false; end
 		end
 		return nil, took;
@@ -137,7 +140,7 @@ local function sql_access(module, engine, stores)
 		local after, done = "", false;
 		return function ()
 			if done then return nil; end
-			local ok, page = transaction(function ()
+			local ok, page = engine:transaction(function ()
 				tune();
 				local owners = {};
 				for row in engine:select(page_sql, host, store, after) do
@@ -153,7 +156,7 @@ local function sql_access(module, engine, stores)
 		end;
 	end
 
-	transaction(tune);
+	engine:transaction(tune);
 	return swap, pages;
 end
 
@@ -173,45 +176,64 @@ local function whole_listing(store)
 end
 
 -- The storage access for the host of `module`, whose stores (opened) are in `opened` and
--- named in `names`, both by the core's names ("invites", "names", "accounts"). Returns
--- { swap = ..., lock_file = ..., method = text for the log, warning = text or nil,
+-- named in `names`, both by the core's names ("invites", "names", "accounts"); each may be
+-- routed to its own storage. Returns { atomic = { [space] = "swap" | "lock" | nil },
+--   swap = ..., lock_file = ..., warning = what cannot be locked, or nil,
 --   pages = function (space) → iterator of pages of owners,
---   store = function (space) → the store with a users() that pages }.
+--   store = function (space) → the store, with a users() that pages on SQL }.
 return function (module, opened, names, locking)
-	local _, driver = storagemanager.get_driver(module.host, names.invites);
-	local access = { driver = driver };
+	local access = { atomic = {} };
+	local unlocked = {};
 	local swap, sql_pages;
-	if driver == "sql" then
-		local engine = host_engine(module);
-		if engine and (engine.params.driver == "PostgreSQL" or engine.params.driver == "SQLite3") then
-			swap, sql_pages = sql_access(module, engine, names);
-			access.method = ("a compare-and-set in the %s database"):format(engine.params.driver);
-		elseif engine then
-			access.warning = ("storage \"sql\" with driver %s"):format(tostring(engine.params.driver));
+	for space, store_name in pairs(names) do
+		local _, driver = storagemanager.get_driver(module.host, store_name);
+		local mode;
+		if driver == "sql" then
+			if not swap then
+				local engine = host_engine(module);
+				if engine and (engine.params.driver == "PostgreSQL" or engine.params.driver == "SQLite3") then
+					swap, sql_pages = sql_access(module, engine, names);
+				else
+					unlocked[#unlocked + 1] = ("storage \"sql\" with driver %s"):format(
+						engine and tostring(engine.params.driver) or "(connection not found)");
+				end
+			end
+			mode = swap and "swap";
+		elseif driver == "internal" then
+			access.lock_file = access.lock_file
+				or datamanager.getpath(nil, module.host, names.invites, "lock", true);
+			mode = "lock";
 		else
-			access.warning = "storage \"sql\" (its database connection was not found)";
+			unlocked[#unlocked + 1] = ("storage driver %q"):format(tostring(driver));
 		end
-	elseif driver == "internal" then
-		access.lock_file = datamanager.getpath(nil, module.host, names.invites, "lock", true);
-		access.method = "a lock on " .. access.lock_file;
-	else
-		access.warning = ("storage driver %q"):format(tostring(driver));
+		access.atomic[space] = mode;
 	end
 	if locking == false then
-		swap, access.lock_file = nil, nil;
-		access.method, access.warning = nil, "invites_storage_lock = false";
+		access.atomic, unlocked = {}, { "invites_storage_lock = false" };
 	end
 	access.swap = swap;
+	local said, each_once = {}, {};
+	for _, what in ipairs(unlocked) do
+		if not said[what] then
+			said[what] = true;
+			each_once[#each_once + 1] = what;
+		end
+	end
+	access.warning = each_once[1] and table.concat(each_once, ", ");
+
+	local function paged(space)
+		return sql_pages and access.atomic[space] == "swap";
+	end
 
 	function access.pages(space)
-		if sql_pages then return sql_pages(names[space]); end
+		if paged(space) then return sql_pages(names[space]); end
 		return whole_listing(opened[space]);
 	end
 
 	-- The store the core and listings use: the same, but on SQL its users() reads pages.
 	function access.store(space)
 		local store = opened[space];
-		if not sql_pages or not store then return store; end
+		if not paged(space) or not store then return store; end
 		local store_name = names[space];
 		return setmetatable({
 			users = function ()

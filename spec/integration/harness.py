@@ -5,6 +5,7 @@ Usage (see NOTES.md):
     with ProsodyServer(storage="internal") as srv:
         uri = srv.generate_invite()
         ...
+        other = srv.twin()  # a second Prosody process serving the host on the same storage
 
 The implementation under test is selected with the environment variable
 INVITES_IMPL:
@@ -20,6 +21,7 @@ is on the plugin path too, after the build folder.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import glob
 import itertools
 import json
@@ -30,6 +32,7 @@ import shutil
 import signal
 import socket
 import sqlite3
+import ssl
 import subprocess
 import tempfile
 import time
@@ -716,6 +719,9 @@ class ProsodyServer:
     third_party: also put the third-party modules for this Prosody version
         (THIRD_PARTY/prosody-13 or prosody-0.12) on plugin_paths, after ours and before the
         test stand-ins (so the real mod_groups_internal is used).
+    storage_of: another ProsodyServer whose storage this one shares (its data directory, SQLite
+        file or PostgreSQL database) instead of having its own; see twin(), which is the way to
+        make one. Such a server never removes or drops that storage: its owner does.
     """
 
     def __init__(
@@ -738,6 +744,7 @@ class ProsodyServer:
         pgsql: PgsqlCluster | None = None,
         extra_hosts: dict | None = None,
         third_party: bool = False,
+        storage_of: "ProsodyServer | None" = None,
     ):
         if storage not in STORAGES:
             raise HarnessError(f"storage must be one of {', '.join(STORAGES)}, not {storage!r}")
@@ -771,10 +778,19 @@ class ProsodyServer:
             keep_dir = os.environ.get("PROSODY_KEEP_DIR", "") not in ("", "0")
         self.keep_dir = keep_dir
 
+        if storage_of is not None and storage_of.storage != storage:
+            raise HarnessError(f"storage_of: that server's storage is {storage_of.storage!r}, not {storage!r}")
+        # The server whose storage this one shares (None: its own), and the servers sharing ours.
+        self.storage_of = storage_of
+        self.twins: list[ProsodyServer] = []
+
         self.host = HOST
         self.dir = Path(tempfile.mkdtemp(prefix=f"prosody-{self.impl}-{storage}-"))
-        self.data_dir = self.dir / "data"
-        self.data_dir.mkdir(mode=0o750)
+        if storage_of is None:
+            self.data_dir = self.dir / "data"
+            self.data_dir.mkdir(mode=0o750)
+        else:
+            self.data_dir = storage_of.data_dir
         self.certs_dir = self.dir / "certs"
         self.certs_dir.mkdir()
         self.config_path = self.dir / "prosody.cfg.lua"
@@ -782,7 +798,7 @@ class ProsodyServer:
         self.err_path = self.dir / "prosody.err"
         self.stdout_path = self.dir / "stdout.txt"
         self.pid_path = self.dir / "prosody.pid"
-        self.sqlite_path = self.dir / "prosody.sqlite"
+        self.sqlite_path = self.dir / "prosody.sqlite" if storage_of is None else storage_of.sqlite_path
         self.port: int | None = None
         self.proc: subprocess.Popen | None = None
         self.module_paths: dict[str, str] = {}
@@ -790,7 +806,11 @@ class ProsodyServer:
         self.pgsql: PgsqlCluster | None = None
         self.pg_database: str | None = None
         self.pg_dump_path = self.dir / "pgsql-dump.sql"
-        if storage == "pgsql":
+        if storage_of is not None:
+            self.pgsql = storage_of.pgsql
+            self.pg_database = storage_of.pg_database
+            storage_of.twins.append(self)
+        elif storage == "pgsql":
             try:
                 self.pgsql = pgsql or shared_pgsql()
                 self.pg_database = self.pgsql.create_database()
@@ -1015,8 +1035,46 @@ class ProsodyServer:
             self.log_path.rename(self.dir / f"prosody.log.{n}")
         return self.start()
 
+    def twin(self, *, start: bool = True, **overrides) -> "ProsodyServer":
+        """A second Prosody process serving the same host(s) on this server's storage: the same
+        data directory (internal storage, the token key file), the same SQLite file or the same
+        PostgreSQL database; with its own dir, config file, c2s port, logs and pidfile, so
+        `twin.prosodyctl(...)` and `twin.port` are its own. It is made with this server's settings
+        (`overrides`: ProsodyServer keyword arguments to change) and started unless start=False.
+        cleanup() of this server cleans its twins up first; a twin's cleanup() removes only its
+        own dir, never the shared storage.
+        """
+        kw = dict(
+            storage=self.storage, impl=self.impl, registration_invite_only=self.registration_invite_only,
+            allow_registration=self.allow_registration, extra_modules=list(self.extra_modules),
+            extra_config=list(self.extra_config), extra_host_config=list(self.extra_host_config),
+            options=dict(self.options), host_options=dict(self.host_options), admins=list(self.admins),
+            testhook=self.testhook, start_timeout=self.start_timeout, stop_timeout=self.stop_timeout,
+            keep_dir=self.keep_dir, pgsql=self.pgsql,
+            extra_hosts={h: dict(o) for h, o in self.extra_hosts.items()}, third_party=self.third_party,
+        )
+        kw.update(overrides)
+        owner = self.storage_of or self
+        twin = type(self)(storage_of=owner, **kw)
+        if start:
+            try:
+                twin.start()
+            except BaseException:
+                twin.cleanup()
+                raise
+        return twin
+
     def cleanup(self):
+        # Servers sharing this one's storage go first: it is about to be dropped or removed.
+        for twin in list(self.twins):
+            twin.cleanup()
         self.stop()
+        if self.storage_of is not None:  # the storage is its owner's: only our own files go
+            if self in self.storage_of.twins:
+                self.storage_of.twins.remove(self)
+            if not self.keep_dir:
+                shutil.rmtree(self.dir, ignore_errors=True)
+            return
         if self.pg_database is not None:
             if self.keep_dir:  # the database stays too; its dump lands in the kept dir
                 try:
@@ -1125,7 +1183,7 @@ class ProsodyServer:
         and that file stands for it.
         """
         files = sorted(p for p in self.data_dir.rglob("*") if p.is_file())
-        for p in sorted(self.dir.glob("prosody.sqlite*")):
+        for p in sorted(self.sqlite_path.parent.glob(self.sqlite_path.name + "*")):
             files.append(p)
         if self.storage == "pgsql" and self.pg_database is not None:
             files.append(self.pg_dump())
@@ -1215,3 +1273,47 @@ def _port_accepts(host: str, port: int) -> bool:
             return True
     except OSError:
         return False
+
+
+# ------------------------------------------------------------------ many clients
+
+
+class _NoCaStoreContext(ssl.SSLContext):
+    """An SSL context that does not load the system CA store (see plaintext_clients)."""
+
+    def set_default_verify_paths(self):
+        pass
+
+    def load_default_certs(self, purpose=ssl.Purpose.SERVER_AUTH):
+        pass
+
+
+_plaintext_clients_depth = 0
+_create_default_context = ssl.create_default_context
+
+
+def _cheap_default_context(purpose=ssl.Purpose.SERVER_AUTH, *, cafile=None, capath=None, cadata=None):
+    if cafile or capath or cadata:
+        return _create_default_context(purpose, cafile=cafile, capath=capath, cadata=cadata)
+    return _NoCaStoreContext(ssl.PROTOCOL_TLS_CLIENT)
+
+
+@contextlib.contextmanager
+def plaintext_clients():
+    """While open, slixmpp clients are made without loading the system CA store.
+
+    slixmpp builds an SSL context with the CA store for every client it makes (about 70 ms
+    of CPU each, most of the time it takes to open a hundred streams), and the streams of
+    xmpp.UnauthedSession never use it: they are plain TCP on loopback. Wrap the making of
+    many such sessions (not a TLS client) in this. It nests, also across asyncio tasks that
+    open and close it in any order: the last one out puts ssl.create_default_context back.
+    """
+    global _plaintext_clients_depth
+    _plaintext_clients_depth += 1
+    ssl.create_default_context = _cheap_default_context
+    try:
+        yield
+    finally:
+        _plaintext_clients_depth -= 1
+        if _plaintext_clients_depth == 0:
+            ssl.create_default_context = _create_default_context

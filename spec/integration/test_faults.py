@@ -190,12 +190,14 @@ async def test_account_left_without_password_counts_against_the_invite(faulty_se
 
 @pytest.mark.server_options(options={"invite_reservation_lease": 2})
 async def test_confirmation_that_cannot_be_written_still_never_grants_twice(faulty_server, faults):
-    """The account exists but marking the use spent fails: the use stays held, and once the
-    lease lapses it counts as spent because the account exists (never free again)."""
+    """The account exists but marking the use spent fails (neither the account's entry in
+    the invite tree, which spends it, nor the invite can be written): the use stays held, and
+    once the lease lapses it counts as spent because the account exists (never free again)."""
     server = faulty_server
     token = token_of(server.generate_invite())
 
-    faults.set(fail("invites", "set", skip=1, times=1))  # reserve passes, confirm fails
+    # reserve passes, confirm's writes fail
+    faults.set(fail("invite_accounts", "set", times=1), fail("invites", "set", skip=1, times=1))
     assert (await registers(server, token, "alice")).ok
     faults.clear()
     assert await account_exists(server, "alice")
@@ -218,7 +220,8 @@ async def test_prosodyctl_sees_a_lapsed_reservation_whose_account_exists_as_spen
     prosodyctl settles the reservation itself, which needs the host's accounts."""
     server = faulty_server
     token = token_of(server.generate_invite())
-    faults.set(fail("invites", "set", skip=1, times=1))  # reserve passes, confirm fails
+    # reserve passes, confirm's writes fail
+    faults.set(fail("invite_accounts", "set", times=1), fail("invites", "set", skip=1, times=1))
     assert (await registers(server, token, "alice")).ok
     faults.clear()
     lapsed = time.monotonic() + 2 + 1.5

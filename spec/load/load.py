@@ -28,6 +28,12 @@ One run (per storage, per round):
 6. Report: accounts, refusals by condition and text, race wall time, registrations per second
    (accounts / race wall time) and p50/p90/p99/max latency of successful and refused clients.
 
+--processes 2 runs two Prosody processes serving the same host on the same storage (one data
+directory, SQLite file or PostgreSQL database; harness.ProsodyServer.twin()), the clients split
+evenly across their c2s ports (each invite's clients too), and checks the same invariants across
+both: exactly-once holds across processes. `--processes 1,2` runs both per storage and round and
+prints their registrations/s side by side at the end.
+
 The preauth throttle of mod_invites_register (invite_throttle_max, default 10 failed preauths per
 IP per 60 s) would refuse every preauth from 127.0.0.1 after the 10th invalid token, so the load
 server sets invite_throttle_max = 100000: this measures registration, not the throttle. Prosody's
@@ -38,8 +44,9 @@ beyond a run.
 
 Speed is reported, never asserted. The client side (200 slixmpp clients in one Python process)
 shares the machine with Prosody: the printed load average and CPU seconds of both say how much.
-Set-up is slower than the race: slixmpp builds an SSL context with the system CA store for
-every client (about 75 ms of CPU each), which dominates opening the streams and the login check.
+The streams are plain TCP on loopback, so they are opened and logins checked without loading the
+system CA store slixmpp would load for every client (harness.plaintext_clients(): about 75 ms of
+CPU each, which used to dominate the set-up).
 
 The servers load a private copy of build/plugins made at start (see snapshot_plugins), so a
 `make build` elsewhere during a run cannot pull the core out from under them; --no-snapshot
@@ -48,6 +55,7 @@ loads build/plugins itself. --server-option adds Prosody options for experiments
 
     python3 spec/load/load.py                           # 200 clients, 20 invites x 5 uses, 50 invalid
     python3 spec/load/load.py --storage internal,sql --rounds 3 --json load.json
+    python3 spec/load/load.py --storage internal,sql,pgsql --processes 1,2   # one vs two processes
     PROSODY_BIN=$PWD/build/prosody13/bin/prosody PROSODYCTL_BIN=$PWD/build/prosody13/bin/prosodyctl \\
         python3 spec/load/load.py
 
@@ -115,6 +123,7 @@ class LoadClient:
     password: str
     token: str
     invite: int | None  # index into the run's invites; None for an invalid token
+    port: int = 0  # the c2s port of the Prosody process this client uses
     session: xmpp.UnauthedSession | None = None
     preauth: xmpp.Outcome | None = None
     register: xmpp.Outcome | None = None
@@ -169,33 +178,39 @@ def invite_id(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()[-SHORT_ID_LEN:]
 
 
-def make_clients(tokens: list[str], clients: int, invalid: int) -> list[LoadClient]:
-    """clients - invalid racers spread round-robin over the invites, then `invalid` bad tokens."""
+def make_clients(tokens: list[str], clients: int, invalid: int, ports: list[int]) -> list[LoadClient]:
+    """clients - invalid racers spread round-robin over the invites, then `invalid` bad tokens;
+    spread evenly over the processes' c2s `ports` (each invite's racers too)."""
     out = []
     shape = len(tokens[0]) if tokens else 24
     for n in range(clients - invalid):
         inv = n % len(tokens)
         name = f"load{inv:03d}u{n:04d}"
-        out.append(LoadClient(n, name, f"pw-{name}-{secrets.token_hex(4)}", tokens[inv], inv))
+        port = ports[(n // len(tokens)) % len(ports)]
+        out.append(LoadClient(n, name, f"pw-{name}-{secrets.token_hex(4)}", tokens[inv], inv, port))
     for n in range(invalid):
         name = f"loadbad{n:04d}"
-        out.append(LoadClient(len(out), name, f"pw-{name}-{secrets.token_hex(4)}", invalid_token(shape), None))
+        out.append(LoadClient(len(out), name, f"pw-{name}-{secrets.token_hex(4)}", invalid_token(shape), None,
+                              ports[n % len(ports)]))
     return out
 
 
 # ------------------------------------------------------------------------- phases
 
 
-async def open_streams(port: int, clients: list[LoadClient], concurrency: int, timeout: float) -> None:
-    """Every client's stream open with its features received (a bounded number connecting at once:
-    Prosody's listen backlog would otherwise drop SYNs, which costs seconds of retransmits)."""
+async def open_streams(clients: list[LoadClient], concurrency: int, timeout: float) -> None:
+    """Every client's stream open (to its own c2s port) with its features received (a bounded
+    number connecting at once: Prosody's listen backlog would otherwise drop SYNs, which costs
+    seconds of retransmits)."""
     gate = asyncio.Semaphore(concurrency)
 
     async def one(c: LoadClient):
         async with gate:
-            c.session = await xmpp.UnauthedSession.open(port, timeout=timeout)
+            c.session = await xmpp.UnauthedSession.open(c.port, timeout=timeout)
 
-    await asyncio.wait_for(asyncio.gather(*(one(c) for c in clients)), timeout * (1 + len(clients) / concurrency))
+    with harness.plaintext_clients():
+        await asyncio.wait_for(asyncio.gather(*(one(c) for c in clients)),
+                               timeout * (1 + len(clients) / concurrency))
 
 
 async def race(clients: list[LoadClient], timeout: float) -> float:
@@ -225,21 +240,23 @@ async def close_streams(clients: list[LoadClient]) -> None:
     await asyncio.gather(*(c.session.close() for c in clients if c.session), return_exceptions=True)
 
 
-async def check_logins(port: int, clients: list[LoadClient], concurrency: int, timeout: float) -> None:
-    """c.login = "ok" when the account's password works, "refused" when SASL fails, else why not."""
+async def check_logins(clients: list[LoadClient], concurrency: int, timeout: float) -> None:
+    """c.login = "ok" when the account's password works, "refused" when SASL fails, else why not
+    (each on the process it registered with)."""
     gate = asyncio.Semaphore(concurrency)
 
     async def one(c: LoadClient):
         async with gate:
             try:
-                session = await xmpp.login(port, c.jid, c.password, presence=False, timeout=timeout)
+                session = await xmpp.login(c.port, c.jid, c.password, presence=False, timeout=timeout)
             except xmpp.LoginError as e:
                 c.login = "refused" if ": auth-failed" in str(e) else f"login failed otherwise: {e}"
                 return
             c.login = "ok"
             await xmpp._shutdown(session)
 
-    await asyncio.gather(*(one(c) for c in clients))
+    with harness.plaintext_clients():
+        await asyncio.gather(*(one(c) for c in clients))
 
 
 # ------------------------------------------------------------------ server side
@@ -440,11 +457,12 @@ class RunResult:
         }
 
 
-def run_once(args, storage: str, round_no: int, version: str) -> RunResult:
+def run_once(args, storage: str, round_no: int, version: str, processes: int = 1) -> RunResult:
     result = RunResult({
         "prosody": version,
         "impl": harness.invites_impl(),
         "storage": storage,
+        "processes": processes,
         "round": round_no,
         "clients": args.clients,
         "invites": args.invites,
@@ -458,52 +476,67 @@ def run_once(args, storage: str, round_no: int, version: str) -> RunResult:
     })
     srv = LoadServer(storage=storage, log_level=args.log_level, options=dict(args.options), start_timeout=60,
                      keep_dir=args.keep)
+    servers = [srv]  # srv owns the storage; the others are its twins (same host, same storage)
     try:
         srv.start()
+        for _ in range(processes - 1):
+            servers.append(srv.twin(log_level=args.log_level))
         result.config["server_dir"] = str(srv.dir)
-        print(f"\n== Prosody {version}, {result.config['impl']} modules, storage={storage}, round {round_no}: "
+        where = ", ".join(f"port {s.port}, {s.dir}" for s in servers)
+        print(f"\n== Prosody {version}, {result.config['impl']} modules, storage={storage}, "
+              f"{processes} process{'es' if processes > 1 else ''}, round {round_no}: "
               f"{args.clients} clients, {args.invites} invites x {args.uses} uses, {args.invalid} invalid tokens "
-              f"(port {srv.port}, {srv.dir})", flush=True)
+              f"({where})", flush=True)
         t = time.monotonic()
-        wait_for_first_cron_run(srv)
+        for s in servers:
+            wait_for_first_cron_run(s)
         uris = []
-        for _ in range(args.invites):
-            uri, retries = generate_invite(srv, args.uses)
+        for n in range(args.invites):
+            uri, retries = generate_invite(servers[n % len(servers)], args.uses)
             uris.append(uri)
             result.metrics["generate_retries"] = result.metrics.get("generate_retries", 0) + retries
         tokens = [xmpp.parse_uri(u).token for u in uris]
         ids = [invite_id(tok) for tok in tokens]
         result.metrics["generate_s"] = round(time.monotonic() - t, 2)
-        clients = make_clients(tokens, args.clients, args.invalid)
+        clients = make_clients(tokens, args.clients, args.invalid, [s.port for s in servers])
         # The order in which the clients send: shuffled, so invalid tokens and every invite's
         # clients are interleaved as they would be in the wild (reproducible with --seed).
         random.Random(f"{args.seed}/{storage}/{round_no}").shuffle(clients)
-        asyncio.run(drive(args, srv, clients, result))
-        verify(args, srv, clients, ids, result)
+        asyncio.run(drive(args, servers, clients, result))
+        verify(args, servers, clients, ids, result)
     except (harness.ImplementationMissing, harness.PgsqlUnavailable):
         raise
     except Exception as e:  # the run itself broke (a stream that never opened, a bound exceeded)
         result.check("the run completed", False, f"{type(e).__name__}: {e}")
     finally:
-        if srv.proc is not None:
-            result.check("prosody still running at the end", srv.running,
-                         "" if srv.running else f"exit code {srv.proc.poll()}\n{srv.tail(20)}")
+        for n, s in enumerate(servers):
+            if s.proc is not None:
+                which = f" (process {n + 1})" if len(servers) > 1 else ""
+                result.check(f"prosody still running at the end{which}", s.running,
+                             "" if s.running else f"exit code {s.proc.poll()}\n{s.tail(20)}")
         if not result.passed and not args.keep:
-            srv.keep_dir = True  # keep the evidence
+            for s in servers:
+                s.keep_dir = True  # keep the evidence
         if srv.keep_dir:
-            result.config["kept_dir"] = str(srv.dir)
-        srv.cleanup()
+            result.config["kept_dir"] = " ".join(str(s.dir) for s in servers)
+        srv.cleanup()  # its twins first
     return result
 
 
-async def drive(args, srv: harness.ProsodyServer, clients: list[LoadClient], result: RunResult) -> None:
+def servers_cpu_seconds(servers: list[harness.ProsodyServer]) -> float | None:
+    """CPU seconds of every Prosody process, summed (None when one cannot be read)."""
+    each = [prosody_cpu_seconds(s.proc.pid) for s in servers]
+    return None if None in each else sum(each)
+
+
+async def drive(args, servers: list[harness.ProsodyServer], clients: list[LoadClient], result: RunResult) -> None:
     try:
         t = time.monotonic()
-        await open_streams(srv.port, clients, args.connect_concurrency, args.timeout)
+        await open_streams(clients, args.connect_concurrency, args.timeout)
         result.metrics["connect_s"] = round(time.monotonic() - t, 2)
-        cpu0, proc0, load0 = prosody_cpu_seconds(srv.proc.pid), time.process_time(), os.getloadavg()
+        cpu0, proc0, load0 = servers_cpu_seconds(servers), time.process_time(), os.getloadavg()
         wall = await race(clients, args.timeout)
-        cpu1, proc1, load1 = prosody_cpu_seconds(srv.proc.pid), time.process_time(), os.getloadavg()
+        cpu1, proc1, load1 = servers_cpu_seconds(servers), time.process_time(), os.getloadavg()
         result.metrics.update({
             "race_wall_s": round(wall, 3),
             "prosody_cpu_s": round(cpu1 - cpu0, 2) if cpu0 is not None and cpu1 is not None else None,
@@ -512,15 +545,17 @@ async def drive(args, srv: harness.ProsodyServer, clients: list[LoadClient], res
             "loadavg_after": [round(x, 2) for x in load1],
         })
         await close_streams(clients)
-        result.check("prosody running after the race", srv.running)
+        result.check("prosody running after the race", all(s.running for s in servers))
         t = time.monotonic()
-        await check_logins(srv.port, clients, args.connect_concurrency, args.timeout)
+        await check_logins(clients, args.connect_concurrency, args.timeout)
         result.metrics["login_check_s"] = round(time.monotonic() - t, 2)
     finally:
         await xmpp.close_all()
 
 
-def verify(args, srv: harness.ProsodyServer, clients: list[LoadClient], ids: list[str], result: RunResult) -> None:
+def verify(args, servers: list[harness.ProsodyServer], clients: list[LoadClient], ids: list[str],
+           result: RunResult) -> None:
+    srv = servers[0]  # the storage is one; listed through the last process's config
     per_invite = Counter(c.invite for c in clients if c.invite is not None)
     expected = sum(min(args.uses, n) for n in per_invite.values())
     winners = [c for c in clients if c.ok]
@@ -529,6 +564,8 @@ def verify(args, srv: harness.ProsodyServer, clients: list[LoadClient], ids: lis
 
     # What the clients were told.
     m["accounts_by_replies"] = len(winners)
+    if len(servers) > 1:
+        m["accounts_per_process"] = [sum(1 for c in winners if c.port == s.port) for s in servers]
     result.check(f"clients told they registered == {expected}", len(winners) == expected, f"got {len(winners)}")
     over = {i: n for i, n in Counter(c.invite for c in winners).items() if n > args.uses}
     result.check(f"no invite yields more than {args.uses} accounts", not over,
@@ -562,7 +599,7 @@ def verify(args, srv: harness.ProsodyServer, clients: list[LoadClient], ids: lis
     result.check("successful clients log in, all others are refused", not wrong_login,
                  "\n".join(f"{c.username} (registered={c.ok}): {c.login}" for c in wrong_login[:20]))
 
-    listed, raw = listed_invites(srv)
+    listed, raw = listed_invites(servers[-1])
     wrong = []
     for i, inv_id in enumerate(ids):
         used = min(args.uses, per_invite[i])
@@ -573,7 +610,10 @@ def verify(args, srv: harness.ProsodyServer, clients: list[LoadClient], ids: lis
     result.check("prosodyctl mod_invites list --all shows every invite used up", not wrong,
                  "\n".join(wrong[:20]) + ("" if not wrong else f"\n{raw}"))
 
-    logs = log_findings(srv)
+    logs = {"tracebacks": [], "our_errors": [], "other_errors": [], "warnings": []}
+    for s in servers:
+        for k, v in log_findings(s).items():
+            logs[k] += v
     m["log_warnings"] = len(logs["warnings"])
     m["log_other_errors"] = len(logs["other_errors"])
     result.check("no Lua traceback in Prosody's logs", not logs["tracebacks"], "\n".join(logs["tracebacks"][:20]))
@@ -601,12 +641,16 @@ def verify(args, srv: harness.ProsodyServer, clients: list[LoadClient], ids: lis
 
 def print_report(r: RunResult) -> None:
     c, m = r.config, r.metrics
-    print(f"-- result: Prosody {c['prosody']} / {c['storage']} / round {c['round']}")
+    procs = c.get("processes", 1)
+    print(f"-- result: Prosody {c['prosody']} / {c['storage']} / {procs} process{'es' if procs > 1 else ''} / "
+          f"round {c['round']}")
     if "race_wall_s" in m:
         retries = f" ({m['generate_retries']} retried after 'database is locked')" if m.get("generate_retries") else ""
         print(f"   generate {c['invites']} invites: {m.get('generate_s')} s{retries}; open {c['clients']} streams: "
               f"{m.get('connect_s')} s; login check: {m.get('login_check_s')} s")
-        print(f"   accounts created: {m.get('accounts')} (replies said {m.get('accounts_by_replies')}); "
+        per_process = (f"; made through each process: {', '.join(map(str, m['accounts_per_process']))}"
+                       if m.get("accounts_per_process") else "")
+        print(f"   accounts created: {m.get('accounts')} (replies said {m.get('accounts_by_replies')}{per_process}); "
               f"refused clients: {m.get('refused')}")
         for text, n in (m.get("refusals") or {}).items():
             print(f"     {n:4d} x {text}")
@@ -635,9 +679,9 @@ def print_report(r: RunResult) -> None:
 
 
 CSV_FIELDS = (
-    "prosody", "impl", "storage", "round", "clients", "invites", "uses", "invalid", "log_level", "accounts",
-    "refused", "race_wall_s", "registrations_per_s", "requests_per_s", "ok_p50_ms", "ok_p90_ms", "ok_p99_ms",
-    "ok_max_ms", "refused_p50_ms", "refused_p99_ms", "refused_max_ms", "prosody_cpu_s", "client_cpu_s",
+    "prosody", "impl", "storage", "processes", "round", "clients", "invites", "uses", "invalid", "log_level",
+    "accounts", "refused", "race_wall_s", "registrations_per_s", "requests_per_s", "ok_p50_ms", "ok_p90_ms",
+    "ok_p99_ms", "ok_max_ms", "refused_p50_ms", "refused_p99_ms", "refused_max_ms", "prosody_cpu_s", "client_cpu_s",
     "loadavg_1m", "passed",
 )
 
@@ -648,6 +692,7 @@ def csv_row(r: RunResult) -> dict:
     return {
         **{k: c.get(k) for k in ("prosody", "impl", "storage", "round", "clients", "invites", "uses", "invalid",
                                   "log_level")},
+        "processes": c.get("processes", 1),
         **{k: m.get(k) for k in ("accounts", "refused", "race_wall_s", "registrations_per_s", "requests_per_s",
                                   "prosody_cpu_s", "client_cpu_s")},
         "ok_p50_ms": ok.get("p50_ms"), "ok_p90_ms": ok.get("p90_ms"), "ok_p99_ms": ok.get("p99_ms"),
@@ -660,14 +705,34 @@ def csv_row(r: RunResult) -> dict:
 
 def print_summary(results: list[RunResult]) -> None:
     print("\n== summary")
-    print(f"{'prosody':9s} {'storage':8s} {'rd':>2s} {'clients':>7s} {'accounts':>8s} {'refused':>7s} "
+    print(f"{'prosody':9s} {'storage':8s} {'procs':>5s} {'rd':>2s} {'clients':>7s} {'accounts':>8s} {'refused':>7s} "
           f"{'reg/s':>7s} {'p50 ms':>7s} {'p99 ms':>7s} {'wall s':>7s} {'load1':>5s}  result")
     for r in results:
         row = csv_row(r)
-        print(f"{row['prosody']:9s} {row['storage']:8s} {row['round']:>2} {row['clients']:>7} "
+        print(f"{row['prosody']:9s} {row['storage']:8s} {row['processes']:>5} {row['round']:>2} {row['clients']:>7} "
               f"{str(row['accounts']):>8s} {str(row['refused']):>7s} {str(row['registrations_per_s']):>7s} "
               f"{fmt_ms(row['ok_p50_ms']):>7s} {fmt_ms(row['ok_p99_ms']):>7s} {str(row['race_wall_s']):>7s} "
               f"{str(row['loadavg_1m']):>5s}  {'passed' if r.passed else 'FAILED'}")
+
+
+def print_side_by_side(results: list[RunResult], processes: list[int]) -> None:
+    """Registrations/s per storage for each number of processes (the mean over rounds), side by side."""
+    if len(processes) < 2:
+        return
+    print("\n== registrations/s by number of Prosody processes (mean over rounds; same storage, same clients)")
+    print(f"{'storage':8s} " + " ".join(f"{f'{n} proc':>9s}" for n in processes)
+          + " " + " ".join(f"{f'{n}/{processes[0]}':>7s}" for n in processes[1:]))
+    for storage in dict.fromkeys(r.config["storage"] for r in results):
+        rates = {}
+        for n in processes:
+            xs = [r.metrics.get("registrations_per_s") for r in results
+                  if r.config["storage"] == storage and r.config.get("processes", 1) == n]
+            xs = [x for x in xs if x is not None]
+            rates[n] = sum(xs) / len(xs) if xs else None
+        base = rates[processes[0]]
+        print(f"{storage:8s} " + " ".join(f"{'-' if rates[n] is None else f'{rates[n]:.1f}':>9s}" for n in processes)
+              + " " + " ".join(f"{'-' if not base or rates[n] is None else f'{rates[n] / base:.2f}':>7s}"
+                               for n in processes[1:]))
 
 
 # -------------------------------------------------------------------------- main
@@ -685,6 +750,9 @@ def parse_args(argv=None):
     p.add_argument("--storage", default="internal",
                    help="internal, sql (SQLite3) or pgsql, or a comma list to run each (internal)")
     p.add_argument("--rounds", type=int, default=1, help="runs per storage, each on a fresh server (1)")
+    p.add_argument("--processes", default="1",
+                   help="Prosody processes serving the host on one storage, clients split across them; a comma "
+                        "list runs each and prints their registrations/s side by side, e.g. 1,2 (1)")
     p.add_argument("--timeout", type=float, default=30.0, help="bound on each request and connection, s (30)")
     p.add_argument("--connect-concurrency", type=int, default=32,
                    help="streams opened (and logins checked) at once before/after the race (32)")
@@ -701,6 +769,12 @@ def parse_args(argv=None):
                    help="load the plugins from build/plugins itself, not from a private copy made at start")
     args = p.parse_args(argv)
     args.storages = [s.strip() for s in args.storage.split(",") if s.strip()]
+    try:
+        args.process_counts = [int(x) for x in args.processes.split(",") if x.strip()]
+    except ValueError:
+        args.process_counts = []
+    if not args.process_counts or not all(1 <= n <= 8 for n in args.process_counts):
+        p.error(f"--processes: a comma list of numbers from 1 to 8, not {args.processes!r}")
     if args.seed is None:
         args.seed = secrets.token_hex(4)
     args.options = dict(LOAD_OPTIONS)
@@ -755,9 +829,9 @@ def run_all(args, version: str, plugins: Path | None) -> int:
     results: list[RunResult] = []
     status = 0
     for storage in args.storages:
-        for round_no in range(1, args.rounds + 1):
+        for round_no, processes in ((rn, n) for rn in range(1, args.rounds + 1) for n in args.process_counts):
             try:
-                r = run_once(args, storage, round_no, version)
+                r = run_once(args, storage, round_no, version, processes)
             except (harness.ImplementationMissing, harness.PgsqlUnavailable) as e:
                 print(f"cannot run storage={storage}: {e}", file=sys.stderr)
                 return 2
@@ -766,6 +840,7 @@ def run_all(args, version: str, plugins: Path | None) -> int:
             if not r.passed:
                 status = 1
     print_summary(results)
+    print_side_by_side(results, args.process_counts)
     if args.json:
         Path(args.json).write_text(json.dumps([r.as_dict() for r in results], indent=2) + "\n")
         print(f"wrote {args.json}")
@@ -776,7 +851,7 @@ def run_all(args, version: str, plugins: Path | None) -> int:
             for r in results:
                 w.writerow(csv_row(r))
         print(f"wrote {args.csv}")
-    failed = [f"{r.config['storage']} round {r.config['round']}: {name}"
+    failed = [f"{r.config['storage']} x{r.config.get('processes', 1)} round {r.config['round']}: {name}"
               for r in results for name, ok, _d in r.checks if not ok]
     if failed:
         print("FAILED checks:\n  " + "\n  ".join(failed))

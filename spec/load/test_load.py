@@ -6,7 +6,9 @@ Not collected by `make test` (which runs `pytest spec/integration`); run it with
 
 INVITES_STORAGE picks the storages (default internal,sql), LOAD_TEST_ARGS replaces the size
 (default: 60 clients, 6 invites x 5 uses, 15 invalid tokens, i.e. 45 clients racing for 30 uses).
-The numbers are printed (pytest -s, or in the report of a failure), never asserted.
+Each storage runs with one Prosody process and with two serving the host on that storage (the
+clients split across both). The numbers are printed (pytest -s, or in the report of a failure),
+never asserted.
 """
 
 import os
@@ -20,9 +22,11 @@ MODEST = "--clients 60 --invites 6 --uses 5 --invalid 15"
 STORAGES = [s.strip() for s in os.environ.get("INVITES_STORAGE", "internal,sql").split(",") if s.strip()]
 
 
+@pytest.mark.parametrize("processes", [1, 2])
 @pytest.mark.parametrize("storage", STORAGES)
-def test_racing_clients_get_exactly_the_uses_of_their_invites(storage, capsys):
-    argv = ["--storage", storage, *shlex.split(os.environ.get("LOAD_TEST_ARGS", MODEST))]
+def test_racing_clients_get_exactly_the_uses_of_their_invites(storage, processes, capsys):
+    argv = ["--storage", storage, "--processes", str(processes),
+            *shlex.split(os.environ.get("LOAD_TEST_ARGS", MODEST))]
     status = load.main(argv)
     captured = capsys.readouterr()
     out = captured.out + captured.err
