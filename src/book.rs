@@ -329,7 +329,8 @@ impl<B: Backend> Book<B> {
     /// `decide` is shown the stored record (none, or a corrupt one, is `token-invalid`;
     /// corruption is logged) and says what to store and what to answer. When another
     /// process changed the invite between the read and the write, the write does not
-    /// happen and `decide` is shown the record again: it must have no effect but its answer.
+    /// happen and `decide` is shown the record again: whatever else it does must be safe to
+    /// do again (`edit` indexes a name: the same entry, written twice).
     fn change<T>(
         &self,
         hash: &TokenHash,
@@ -705,10 +706,7 @@ impl<B: Backend> Book<B> {
         }
         let mut record = self.load(hash)?;
         self.made_here(hash, &record)?;
-        let Some(held) = record.reservations.iter().find(|r| r.holder == holder) else {
-            return Ok(None);
-        };
-        let (Some(username), Some(_)) = (held.username.clone(), held.at) else {
+        let Some(username) = Self::held_for(&record, holder) else {
             return Ok(None);
         };
         if account.is_some_and(|a| a != username) {
@@ -719,11 +717,34 @@ impl<B: Backend> Book<B> {
         if self.enter_account(&username, hash, &record, now).is_err() {
             return Ok(None);
         }
+        // The entry counts only while the reservation is there to be spent: a revocation
+        // or a lapse settled elsewhere between the read above and the entry may have taken
+        // it. Then the invite is written as before (unless a process that read the entry
+        // already counted the use: its redemption names the account and the entry's time).
+        let after = self.load(hash)?;
+        if Self::held_for(&after, holder).is_none() {
+            let counted = after
+                .redemptions
+                .iter()
+                .any(|r| r.account.as_deref() == Some(username.as_str()) && r.at == now);
+            return Ok(counted.then_some(Found {
+                hash: *hash,
+                record: after,
+            }));
+        }
         self.after_change(hash, &record);
         Ok(Some(Found {
             hash: *hash,
             record,
         }))
+    }
+
+    /// The account the reservation of `holder` is for, where it names one and when it was
+    /// made (reservations of this version).
+    fn held_for(record: &InviteRecord, holder: &str) -> Option<String> {
+        let held = record.reservations.iter().find(|r| r.holder == holder)?;
+        held.at?;
+        held.username.clone()
     }
 
     /// The registration holding `holder` failed. Its use is given back, unless the account
@@ -1426,6 +1447,7 @@ mod tests {
     use super::*;
     use crate::store::MemoryBackend;
     use std::cell::RefCell;
+    use std::rc::Rc;
 
     const HOST: &str = "example.com";
 
@@ -2775,6 +2797,31 @@ mod tests {
     }
 
     #[test]
+    fn a_registration_confirmed_while_its_invite_is_revoked_still_counts_its_use() {
+        let a = book();
+        let b = other_process(&a);
+        let c = a.create(account(None), 1000).unwrap();
+        let token = c.token.expose().to_owned();
+        a.reserve(&token, &claim("A", "alice", 1001), HOST, 1001)
+            .unwrap();
+        a.backend()
+            .accounts
+            .borrow_mut()
+            .insert(String::from("alice"));
+        // Revoked in another process while confirm writes alice's entry: the revocation
+        // took the reservation the entry would have spent, so the invite is written.
+        let t2 = token.clone();
+        meanwhile(&a, &b, move |b2| {
+            b2.revoke(&t2, 1002).unwrap();
+        });
+        a.confirm_account(&token, "A", Some("alice"), HOST, 1002)
+            .unwrap();
+        let r = a.listed(&c.hash, 1003).unwrap().unwrap();
+        assert_eq!((r.uses, r.state), (1, StoredState::Revoked));
+        assert_eq!(r.redemptions[0].account.as_deref(), Some("alice"));
+    }
+
+    #[test]
     fn a_registration_writes_its_invite_once_and_its_entry_spends_the_use() {
         let b = book();
         let c = b.create(account(None), 1000).unwrap();
@@ -2812,8 +2859,8 @@ mod tests {
     // (`MemoryBackend::interleave`), the moment a per-process lock cannot cover.
 
     /// A second book over the same storage, and a place for the answer of what it runs.
-    fn other_process(b: &Book<MemoryBackend>) -> std::rc::Rc<Book<MemoryBackend>> {
-        std::rc::Rc::new(Book::new(b.backend().sharing(), HOST))
+    fn other_process(b: &Book<MemoryBackend>) -> Rc<Book<MemoryBackend>> {
+        Rc::new(Book::new(b.backend().sharing(), HOST))
     }
 
     /// An invite of `a` for `uses` accounts, and its token.
@@ -2828,10 +2875,10 @@ mod tests {
     /// Runs `f` on `b` in `a`'s next change, between its read and its write.
     fn meanwhile(
         a: &Book<MemoryBackend>,
-        b: &std::rc::Rc<Book<MemoryBackend>>,
+        b: &Rc<Book<MemoryBackend>>,
         f: impl FnOnce(&Book<MemoryBackend>) + 'static,
     ) {
-        let b = std::rc::Rc::clone(b);
+        let b = Rc::clone(b);
         a.backend().interleave(move || f(&b));
     }
 
@@ -2847,8 +2894,8 @@ mod tests {
         let c = a.create(account(None), 1000).unwrap();
         let token = c.token.expose().to_owned();
         let t2 = token.clone();
-        let other = std::rc::Rc::new(RefCell::new(None));
-        let answer = std::rc::Rc::clone(&other);
+        let other = Rc::new(RefCell::new(None));
+        let answer = Rc::clone(&other);
         meanwhile(&a, &b, move |b2| {
             let r = b2.reserve(&t2, &claim("B", "bob", 1001), HOST, 1002);
             let r = r.and_then(|_| b2.confirm(&t2, "B", HOST, 1002));
@@ -3018,7 +3065,7 @@ mod tests {
         let c = a.create(account(None), 1000).unwrap();
         let key = c.hash.key();
         let before = a.backend().raw(Space::Invites, &key).unwrap();
-        let slots = std::rc::Rc::clone(&a.backend().slots);
+        let slots = Rc::clone(&a.backend().slots);
         let mut n = 0;
         // Another writer changes the slot each time, between our read and our write.
         let written = a.backend().update(Space::Invites, &key, &mut |_| {

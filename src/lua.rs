@@ -32,6 +32,7 @@ use std::cell::{Cell, RefCell};
 use std::fmt;
 use std::num::NonZeroU32;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::rc::Rc;
 
 use mlua::{
     DeserializeOptions, FromLua, Function, IntoLuaMulti, Lua, LuaSerdeExt, MultiValue,
@@ -41,13 +42,13 @@ use zeroize::Zeroizing;
 
 use crate::book::{record_uri, Book, Created, LegacyInvite, NewInvite, Provenance, TokenStorage};
 use crate::duration::{parse_duration, period_setting, PeriodSetting};
-use crate::error::{InviteError, StoreError, UPDATE_ATTEMPTS};
+use crate::error::{InviteError, StoreError};
 use crate::quota::Rule;
 use crate::record::{
     AccountEntry, InviteKind, InviteRecord, LandingPage, MAX_NOTE_LEN, MAX_SOURCE_LEN,
 };
 use crate::state::{Claim, Edit, Status};
-use crate::store::{read_decide_write, Backend, Level, Space, Write};
+use crate::store::{read_decide_write, update_by_swap, Backend, Level, Space, Write};
 use crate::throttle::Throttle;
 use crate::token::{Token, TokenHash};
 
@@ -75,7 +76,7 @@ enum Atomic {
     CompareAndSet(Function),
     /// An advisory lock (flock) on this file, held around each change: files in a data
     /// directory that the server and prosodyctl share. One lock for every space.
-    FileLock(std::rc::Rc<FileLock>),
+    FileLock(Rc<FileLock>),
 }
 
 /// A lock file, opened on first use, locked around each change. A change made inside
@@ -259,21 +260,9 @@ impl Backend for LuaBackend {
             }
             Atomic::Process => return read_decide_write(self, space, owner, decide),
         };
-        for _ in 0..UPDATE_ATTEMPTS {
-            let current = self.get(space, owner)?;
-            let new = match decide(current.as_deref()) {
-                Write::Keep => return Ok(false),
-                Write::Put(v) => Some(v),
-                Write::Remove => None,
-            };
-            if new == current {
-                return Ok(true);
-            }
-            if self.swap(swap, space, owner, current.as_deref(), new.as_deref())? {
-                return Ok(true);
-            }
-        }
-        Err(StoreError::Contended)
+        update_by_swap(self, space, owner, decide, &mut |expected, new| {
+            self.swap(swap, space, owner, expected, new)
+        })
     }
 
     fn insert(&self, space: Space, owner: &str, value: &str) -> Result<bool, StoreError> {
@@ -935,7 +924,7 @@ impl FromLua for BookConfig {
         let Callback(swap) = field(lua, &t, "swap")?;
         let OptText(lock_file) = field(lua, &t, "lock_file")?;
         let lock = lock_file.filter(|p| !p.is_empty()).map(|path| {
-            std::rc::Rc::new(FileLock {
+            Rc::new(FileLock {
                 path: path.into(),
                 file: RefCell::new(None),
                 depth: Cell::new(0),
@@ -956,7 +945,7 @@ impl FromLua for BookConfig {
             };
             atomic[space as usize] = match (mode.as_deref(), &swap, &lock) {
                 (Some("swap"), Some(swap), _) => Atomic::CompareAndSet(swap.clone()),
-                (Some("lock"), _, Some(lock)) => Atomic::FileLock(std::rc::Rc::clone(lock)),
+                (Some("lock"), _, Some(lock)) => Atomic::FileLock(Rc::clone(lock)),
                 (None, _, _) => Atomic::Process,
                 _ => {
                     return Err(refused_field(

@@ -155,9 +155,10 @@ impl InviteRecord {
         let mut kept = Vec::with_capacity(self.reservations.len());
         let mut changed = false;
         for r in std::mem::take(&mut self.reservations) {
-            let at = match Some(r.holder.as_str()) == except_holder {
-                true => None,
-                false => registered(&r),
+            let at = if Some(r.holder.as_str()) == except_holder {
+                None
+            } else {
+                registered(&r)
             };
             match at {
                 Some(at) => {

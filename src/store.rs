@@ -114,6 +114,34 @@ pub fn read_decide_write<B: Backend + ?Sized>(
     }
 }
 
+/// A compare-and-set: `(expected, new)` → whether the slot held `expected` and now `new`.
+pub type Swap<'a> = dyn FnMut(Option<&str>, Option<&str>) -> Result<bool, StoreError> + 'a;
+
+/// `Backend::update` over a compare-and-set: `swap(expected, new)` stores `new` (`None`
+/// removes) only if the slot still holds `expected`, and says whether it did. Reads, decides,
+/// swaps; when another writer got in first, reads again (at most `UPDATE_ATTEMPTS` times).
+/// A decision that changes nothing writes nothing.
+pub fn update_by_swap<B: Backend + ?Sized>(
+    backend: &B,
+    space: Space,
+    owner: &str,
+    decide: &mut dyn FnMut(Option<&str>) -> Write,
+    swap: &mut Swap<'_>,
+) -> Result<bool, StoreError> {
+    for _ in 0..UPDATE_ATTEMPTS {
+        let current = backend.get(space, owner)?;
+        let new = match decide(current.as_deref()) {
+            Write::Keep => return Ok(false),
+            Write::Put(v) => Some(v),
+            Write::Remove => None,
+        };
+        if new == current || swap(current.as_deref(), new.as_deref())? {
+            return Ok(true);
+        }
+    }
+    Err(StoreError::Contended)
+}
+
 impl<T: Backend + ?Sized> Backend for &T {
     fn get(&self, space: Space, owner: &str) -> Result<Option<String>, StoreError> {
         (**self).get(space, owner)
@@ -258,29 +286,23 @@ impl Backend for MemoryBackend {
         decide: &mut dyn FnMut(Option<&str>) -> Write,
     ) -> Result<bool, StoreError> {
         let key = (space, owner.to_owned());
-        for _ in 0..UPDATE_ATTEMPTS {
-            let read = self.get(space, owner)?;
-            let write = decide(read.as_deref());
-            if write == Write::Keep {
-                return Ok(false);
-            }
+        update_by_swap(self, space, owner, decide, &mut |expected, new| {
             let interleaved = self.between_read_and_write.borrow_mut().take();
             if let Some(other) = interleaved {
                 other();
             }
             self.tick()?;
             let mut slots = self.slots.borrow_mut();
-            if slots.get(&key) != read.as_ref() {
+            if slots.get(&key).map(String::as_str) != expected {
                 self.conflicts.set(self.conflicts.get() + 1);
-                continue;
+                return Ok(false);
             }
-            match write.value() {
-                Some(v) => slots.insert(key, v.to_owned()),
+            match new {
+                Some(v) => slots.insert(key.clone(), v.to_owned()),
                 None => slots.remove(&key),
             };
-            return Ok(true);
-        }
-        Err(StoreError::Contended)
+            Ok(true)
+        })
     }
 
     fn each_key(

@@ -76,7 +76,7 @@ end
 
 -- Options, read once at load and again when prosodyctl points this (global) instance at a
 -- host: the module is then already loaded globally and cannot be loaded for the host.
-local default_ttl, retention, prune_interval, reservation_lease, token_storage, key_file;
+local default_ttl, retention, prune_interval, reservation_lease, token_storage, key_file, storage_lock;
 local invite_url_template, invites_page_supports;
 local function read_options()
 	default_ttl = period_option("invite_expiry", 86400 * 7, 1);
@@ -89,6 +89,10 @@ local function read_options()
 	-- the use it holds is given back (it is given back at once when registration fails).
 	-- Only a server that died mid-registration leaves a reservation to lapse.
 	reservation_lease = period_option("invite_reservation_lease", 120, 1);
+
+	-- Each change to an invite atomic between processes sharing the storage (storage.lib.lua);
+	-- false: within this process only, as Prosody's own store (for measuring what it costs).
+	storage_lock = module:get_option_boolean("invites_storage_lock", true);
 
 	-- Tokens at rest: "sealed" (default) keeps each token encrypted with the key in
 	-- invite_token_key_file, so listings can show links again; "hash" keeps nothing usable.
@@ -130,8 +134,7 @@ local function open_book()
 	for space, name in pairs(store_names) do
 		opened[space] = module:open_store(name);
 	end
-	storage_access = make_storage_access(module, opened, store_names,
-		module:get_option_boolean("invites_storage_lock", true));
+	storage_access = make_storage_access(module, opened, store_names, storage_lock);
 	if storage_access.warning then
 		-- Said by the server; prosodyctl commands would repeat it at every run.
 		module:log(prosody.process_type == "prosody" and "warn" or "debug", "Invites on %s: changes are atomic "

@@ -78,6 +78,8 @@ local function sql_access(module, engine, stores)
 			tuned = e.conn;
 		end
 	end
+	-- COMPAT: util.sql (0.12, 13) and util.sqlite3 (13) have no hook for either; their
+	-- methods are wrapped on this engine, once, for every store that shares it.
 	if engine.params.driver == "SQLite3" and not engine.invites_busy_timeout then
 		engine.invites_busy_timeout = busy_timeout_ms;
 		-- On every (re)connection before anything else runs on it (util.sql reads the
