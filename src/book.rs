@@ -378,6 +378,24 @@ impl<B: Backend> Book<B> {
         }
     }
 
+    /// `change` of the invite as settled (but for the reservation of `except_holder`):
+    /// `step` changes it or refuses, and what it made is stored. Answers the record stored
+    /// and its uses before, for `enter_redeemed`.
+    fn change_settled(
+        &self,
+        hash: &TokenHash,
+        now: i64,
+        except_holder: Option<&str>,
+        mut step: impl FnMut(&mut InviteRecord) -> Result<(), InviteError>,
+    ) -> Result<(InviteRecord, u32), InviteError> {
+        self.change(hash, |mut record| {
+            let uses_before = record.uses;
+            self.settle(hash, &mut record, now, except_holder)?;
+            step(&mut record)?;
+            Ok((Next::Store(Box::new(record.clone())), (record, uses_before)))
+        })
+    }
+
     /// Stores `record` under `hash` unless something is stored there already; whether it
     /// did.
     fn store_new(&self, hash: &TokenHash, record: &InviteRecord) -> Result<bool, InviteError> {
@@ -617,10 +635,8 @@ impl<B: Backend> Book<B> {
     ) -> Result<Found, InviteError> {
         self.acting_here(host)?;
         let hash = Self::hash_of(token)?;
-        let (record, uses_before) = self.change(&hash, |mut record| {
-            self.made_here(&hash, &record)?;
-            let uses_before = record.uses;
-            self.settle(&hash, &mut record, now, None)?;
+        let (record, uses_before) = self.change_settled(&hash, now, None, |record| {
+            self.made_here(&hash, record)?;
             record.reserve(claim, now)?;
             if record.username.as_deref() != Some(claim.username) && record.reset.is_none() {
                 // The name may be held for somebody else's invite.
@@ -628,7 +644,7 @@ impl<B: Backend> Book<B> {
                     return Err(InviteError::UsernameReserved);
                 }
             }
-            Ok((Next::Store(Box::new(record.clone())), (record, uses_before)))
+            Ok(())
         })?;
         self.enter_redeemed(&hash, &record, uses_before);
         Ok(Found { hash, record })
@@ -662,14 +678,11 @@ impl<B: Backend> Book<B> {
             return Ok(found);
         }
         let mut overspent = false;
-        let confirmed = self.change(&hash, |mut record| {
-            self.made_here(&hash, &record)?;
-            let uses_before = record.uses;
-            self.settle(&hash, &mut record, now, Some(holder))?;
+        let confirmed = self.change_settled(&hash, now, Some(holder), |record| {
+            self.made_here(&hash, record)?;
             let outcome = record.confirm_for(holder, account, now);
             overspent = outcome.is_err();
-            outcome?;
-            Ok((Next::Store(Box::new(record.clone())), (record, uses_before)))
+            outcome
         });
         if overspent {
             self.backend.log(
@@ -808,13 +821,10 @@ impl<B: Backend> Book<B> {
     ) -> Result<Found, InviteError> {
         self.acting_here(host)?;
         let hash = Self::hash_of(token)?;
-        let (record, uses_before) = self.change(&hash, |mut record| {
-            self.made_here(&hash, &record)?;
-            let uses_before = record.uses;
-            self.settle(&hash, &mut record, now, None)?;
-            Self::usable_for(&record, contact_of, now)?;
-            record.redeem_by(account, now)?;
-            Ok((Next::Store(Box::new(record.clone())), (record, uses_before)))
+        let (record, uses_before) = self.change_settled(&hash, now, None, |record| {
+            self.made_here(&hash, record)?;
+            Self::usable_for(record, contact_of, now)?;
+            record.redeem_by(account, now)
         })?;
         self.after_change(&hash, &record);
         if contact_of.is_none() {
@@ -844,9 +854,7 @@ impl<B: Backend> Book<B> {
         expired_too: bool,
     ) -> Result<Found, InviteError> {
         let mut expired = false;
-        let (record, uses_before) = self.change(hash, |mut record| {
-            let uses_before = record.uses;
-            self.settle(hash, &mut record, now, None)?;
+        let (record, uses_before) = self.change_settled(hash, now, None, |record| {
             expired = false;
             match record.status(now) {
                 Status::Pending | Status::Reserved => {}
@@ -856,7 +864,7 @@ impl<B: Backend> Book<B> {
                 Status::Expired => return Err(InviteError::TokenExpired),
             }
             record.revoke(now);
-            Ok((Next::Store(Box::new(record.clone())), (record, uses_before)))
+            Ok(())
         })?;
         self.after_change(hash, &record);
         if expired {
@@ -873,20 +881,18 @@ impl<B: Backend> Book<B> {
     /// `InviteRecord::edit`), in one read-check-write: an invite nobody stored is
     /// `no-such-invite`. A bound username stays held until the new expiry.
     pub fn edit(&self, hash: &TokenHash, edit: &Edit, now: i64) -> Result<Found, InviteError> {
-        let edited = self.change(hash, |mut record| {
-            let uses_before = record.uses;
-            self.settle(hash, &mut record, now, None)?;
+        let edited = self.change_settled(hash, now, None, |record| {
             let expires_before = record.expires;
             record.edit(edit, now)?;
             if record.expires != expires_before {
-                if let Some(name) = reserved_name(&record) {
+                if let Some(name) = reserved_name(record) {
                     // Before the record: a later expiry in the index than in the record
                     // holds nothing (`username_reserved` reads the record), an earlier one
                     // could.
                     self.index_name(name, hash, record.expires)?;
                 }
             }
-            Ok((Next::Store(Box::new(record.clone())), (record, uses_before)))
+            Ok(())
         });
         let (record, uses_before) = match edited {
             Err(InviteError::TokenInvalid) => return Err(InviteError::NoSuchInvite),
