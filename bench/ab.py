@@ -38,7 +38,6 @@ import shutil
 import statistics
 import sys
 import time
-import xml.etree.ElementTree as ET
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -50,7 +49,7 @@ sys.path.insert(0, str(HERE))
 import harness  # noqa: E402
 import xmpp  # noqa: E402
 import load  # noqa: E402  (snapshot_plugins, prosody_version)
-from run import BenchServer, wait_disk_idle  # noqa: E402
+from run import BenchServer, call, log, wait_disk_idle  # noqa: E402
 
 NS_AB = "urn:prosody-invites:ab"
 STOCK_HOST = "stock.localhost"
@@ -76,10 +75,6 @@ LABELS = {
     "list": "pending_account_invites() walk [ms]",
 }
 ORDER = ("create_account", "create_contact", "get_valid", "get_unknown", "get_malformed", "redeem", "delete_account_invite", "list")
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 def lock_option_in_build() -> bool:
@@ -114,15 +109,7 @@ class ABServer(BenchServer):
 
 
 async def ab(client, op: str, timeout: float = 600.0, **attrs) -> dict:
-    iq = client.Iq()
-    iq["type"] = "set"
-    iq["to"] = client.boundjid.domain
-    iq.append(xmpp._el(f"{{{NS_AB}}}ab", {"op": op, **{k: str(v) for k, v in attrs.items()}}))
-    out = await xmpp._send_iq(client, iq, timeout)
-    if not out.ok:
-        raise RuntimeError(f"ab op={op} {attrs}: {out!r}")
-    res = ET.fromstring(out.raw).find(f"{{{NS_AB}}}result")
-    return json.loads(res.text or "{}")
+    return await call(client, NS_AB, "ab", op, timeout, **attrs)
 
 
 # --------------------------------------------------------------------- statistics

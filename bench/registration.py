@@ -45,13 +45,9 @@ sys.path.insert(0, str(HERE))
 import harness  # noqa: E402
 import xmpp  # noqa: E402
 import load  # noqa: E402  (snapshot_plugins, prosody_version)
-from run import BenchServer, bench  # noqa: E402
+from run import BenchServer, bench, log  # noqa: E402
 
 PASSWORD = "reg-bench-password"
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 async def open_sessions(port: int, n: int, concurrency: int, timeout: float) -> list[xmpp.UnauthedSession]:

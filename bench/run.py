@@ -246,16 +246,21 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-async def bench(client, op: str, timeout: float = 120.0, **attrs) -> dict:
+async def call(client, xmlns: str, element: str, op: str, timeout: float, **attrs) -> dict:
+    """One request to a benchmark plugin (bench/plugins/bench_iq.lib.lua): its JSON result."""
     iq = client.Iq()
     iq["type"] = "set"
     iq["to"] = client.boundjid.domain
-    iq.append(xmpp._el(f"{{{NS_BENCH}}}bench", {"op": op, **{k: str(v) for k, v in attrs.items()}}))
+    iq.append(xmpp._el(f"{{{xmlns}}}{element}", {"op": op, **{k: str(v) for k, v in attrs.items()}}))
     out = await xmpp._send_iq(client, iq, timeout)
     if not out.ok:
-        raise RuntimeError(f"bench op={op} {attrs}: {out!r}")
-    res = ET.fromstring(out.raw).find(f"{{{NS_BENCH}}}result")
+        raise RuntimeError(f"{element} op={op} {attrs}: {out!r}")
+    res = ET.fromstring(out.raw).find(f"{{{xmlns}}}result")
     return json.loads(res.text or "{}")
+
+
+async def bench(client, op: str, timeout: float = 120.0, **attrs) -> dict:
+    return await call(client, NS_BENCH, "bench", op, timeout, **attrs)
 
 
 def reset_peak(pid: int) -> bool:
