@@ -18,7 +18,8 @@
 //! invited. Those writes follow the invite's and are best effort (the use is spent either
 //! way); a failure is logged. Quotas (`charge`) are one read-check-write of the entry.
 
-use std::cell::{Cell, OnceCell};
+use std::cell::{Cell, OnceCell, RefCell};
+use std::collections::HashMap;
 use std::path::PathBuf;
 
 use serde_json::Value;
@@ -170,7 +171,20 @@ pub struct Book<B: Backend> {
     sealer: OnceCell<Option<Sealer>>,
     /// Said once: some sealed tokens do not open with this key.
     warned_unopened: Cell<bool>,
+    /// The invites this process reserved a use of, by holder, as `reserve` stored them:
+    /// `confirm` writes the account's entry from that, without reading the invite again
+    /// (see `confirm_by_entry`).
+    held: RefCell<HashMap<String, (TokenHash, InviteRecord)>>,
 }
+
+/// Registrations in flight whose reservation `held` remembers (those whose lease ran out are
+/// dropped to make room: a web registration that failed never says so); past that many, a
+/// confirmation reads the invite first.
+const HELD_MAX: usize = 1024;
+
+/// A reservation with at least this long (seconds) left of its lease cannot have lapsed
+/// for any process sharing the storage, whatever the difference between their clocks.
+const LAPSE_MARGIN: i64 = 30;
 
 impl<B: Backend> Book<B> {
     /// A book for `host` that keeps only hashes (see `with_token_storage`).
@@ -181,6 +195,7 @@ impl<B: Backend> Book<B> {
             storage: TokenStorage::Hash,
             sealer: OnceCell::new(),
             warned_unopened: Cell::new(false),
+            held: RefCell::new(HashMap::new()),
         }
     }
 
@@ -647,6 +662,16 @@ impl<B: Backend> Book<B> {
             Ok(())
         })?;
         self.enter_redeemed(&hash, &record, uses_before);
+        let mut held = self.held.borrow_mut();
+        if held.len() >= HELD_MAX {
+            held.retain(|holder, (_, r)| {
+                Self::held_for(r, holder).is_some_and(|(_, until)| until >= now)
+            });
+        }
+        if held.len() < HELD_MAX {
+            held.insert(claim.holder.to_owned(), (hash, record.clone()));
+        }
+        drop(held);
         Ok(Found { hash, record })
     }
 
@@ -704,9 +729,15 @@ impl<B: Backend> Book<B> {
     /// writes anyway, says it was registered with this invite, and that makes `settle`
     /// count the reservation as spent wherever the invite is read next (a process that
     /// wrote the invite then writes the use in). One write of the invite per registration,
-    /// not two. `None` where this does not apply (a reset, a reservation gone or of an
-    /// earlier version, a host without the tree's store) or the entry could not be
-    /// written: then the invite is written as before.
+    /// not two.
+    ///
+    /// The entry is written from the invite as `reserve` stored it (what it takes from it
+    /// never changes). The entry spends the use only while the reservation is still there,
+    /// and only a lapse takes one away (release is its own registration's, revocation
+    /// keeps it, an edit too): with time left on the lease, nothing is read. Otherwise the
+    /// invite is read after the entry. `None` where this does not apply (a reset, a
+    /// reservation gone or of an earlier version, a host without the tree's store) or the
+    /// entry could not be written: then the invite is written as before.
     fn confirm_by_entry(
         &self,
         hash: &TokenHash,
@@ -714,37 +745,43 @@ impl<B: Backend> Book<B> {
         account: Option<&str>,
         now: i64,
     ) -> Result<Option<Found>, InviteError> {
+        let held = self.held.borrow_mut().remove(holder);
         if !self.backend.keeps(Space::Accounts) {
             return Ok(None);
         }
-        let mut record = self.load(hash)?;
+        let mut record = match held {
+            Some((h, record)) if h == *hash => record,
+            _ => self.load(hash)?,
+        };
         self.made_here(hash, &record)?;
-        let Some(username) = Self::held_for(&record, holder) else {
+        let Some((username, until)) = Self::held_for(&record, holder) else {
             return Ok(None);
         };
         if account.is_some_and(|a| a != username) {
             return Ok(None);
         }
-        self.settle(hash, &mut record, now, Some(holder))?;
-        record.confirm_for(holder, Some(&username), now)?;
         if self.enter_account(&username, hash, &record, now).is_err() {
             return Ok(None);
         }
-        // The entry counts only while the reservation is there to be spent: a revocation
-        // or a lapse settled elsewhere between the read above and the entry may have taken
-        // it. Then the invite is written as before (unless a process that read the entry
-        // already counted the use: its redemption names the account and the entry's time).
-        let after = self.load(hash)?;
-        if Self::held_for(&after, holder).is_none() {
-            let counted = after
-                .redemptions
-                .iter()
-                .any(|r| r.account.as_deref() == Some(username.as_str()) && r.at == now);
-            return Ok(counted.then_some(Found {
-                hash: *hash,
-                record: after,
-            }));
+        if until.saturating_sub(now) < LAPSE_MARGIN {
+            // It may have lapsed, and been settled elsewhere (its use given back) before
+            // the entry was there. Then the invite is written as before (unless a process
+            // that read the entry already counted the use: its redemption names the
+            // account and the entry's time).
+            record = self.load(hash)?;
+            if Self::held_for(&record, holder).is_none() {
+                let counted = record
+                    .redemptions
+                    .iter()
+                    .any(|r| r.account.as_deref() == Some(username.as_str()) && r.at == now);
+                return Ok(counted.then_some(Found {
+                    hash: *hash,
+                    record,
+                }));
+            }
         }
+        // What the caller is told: the invite as last read, with this use spent.
+        record.confirm_for(holder, Some(&username), now)?;
         self.after_change(hash, &record);
         Ok(Some(Found {
             hash: *hash,
@@ -752,18 +789,19 @@ impl<B: Backend> Book<B> {
         }))
     }
 
-    /// The account the reservation of `holder` is for, where it names one and when it was
-    /// made (reservations of this version).
-    fn held_for(record: &InviteRecord, holder: &str) -> Option<String> {
+    /// The account the reservation of `holder` is for and its lease's end, where it names
+    /// one and when it was made (reservations of this version).
+    fn held_for(record: &InviteRecord, holder: &str) -> Option<(String, i64)> {
         let held = record.reservations.iter().find(|r| r.holder == holder)?;
         held.at?;
-        held.username.clone()
+        Some((held.username.clone()?, held.until))
     }
 
     /// The registration holding `holder` failed. Its use is given back, unless the account
     /// it was for exists after all (Prosody 13 creates the account before writing its
     /// password and keeps it when that fails): then the use is redeemed.
     pub fn release(&self, token: &str, holder: &str, now: i64) -> Result<Released, InviteError> {
+        self.held.borrow_mut().remove(holder);
         let hash = Self::hash_of(token)?;
         let released = self.change(&hash, |mut record| {
             let Some(held) = record.reservations.iter().find(|r| r.holder == holder) else {
@@ -2782,9 +2820,10 @@ mod tests {
             .unwrap();
         let t = c.token.expose().to_owned();
         b.reserve(&t, &claim("A", "bob", 1001), HOST, 1001).unwrap();
-        // confirm: the invite read, then the tree's entry cannot be written, nor anything
-        // after: the use stays held (and is spent when its lease lapses: bob exists).
-        b.backend().fail_after.set(Some(2));
+        // confirm: the tree's entry read (the invite is as reserve stored it), then the
+        // entry cannot be written, nor anything after: the use stays held (and is spent
+        // when its lease lapses: bob exists).
+        b.backend().fail_after.set(Some(1));
         b.backend().stay_failed.set(true);
         assert_eq!(
             b.confirm(&t, "A", HOST, 1001).err(),
@@ -2804,18 +2843,13 @@ mod tests {
 
     #[test]
     fn a_registration_confirmed_while_its_invite_is_revoked_still_counts_its_use() {
-        let a = book();
-        let b = other_process(&a);
-        let c = a.create(account(None), 1000).unwrap();
-        let token = c.token.expose().to_owned();
-        a.reserve(&token, &claim("A", "alice", 1001), HOST, 1001)
-            .unwrap();
+        let (a, b, c, token) = alice_reserving_on_one_of_two_processes();
         a.backend()
             .accounts
             .borrow_mut()
             .insert(String::from("alice"));
         // Revoked in another process while confirm writes alice's entry: the revocation
-        // took the reservation the entry would have spent, so the invite is written.
+        // keeps the reservation, and alice's entry spends it.
         let t2 = token.clone();
         meanwhile(&a, &b, move |b2| {
             b2.revoke(&t2, 1002).unwrap();
@@ -2860,6 +2894,81 @@ mod tests {
         assert_eq!(b.listed(&c.hash, 1070).unwrap().unwrap().uses, 1);
     }
 
+    #[test]
+    fn a_confirmation_with_time_left_on_its_lease_reads_no_invite() {
+        let b = book();
+        let c = b.create(account(None), 1000).unwrap();
+        let t = c.token.expose();
+        b.reserve(t, &claim("A", "alice", 1001), HOST, 1001)
+            .unwrap();
+        b.backend().invite_reads.set(0);
+        assert_eq!(b.confirm(t, "A", HOST, 1002).unwrap().record.uses, 1);
+        assert_eq!(b.backend().invite_reads.get(), 0);
+        assert_eq!(
+            b.account("alice").unwrap().unwrap().invite,
+            Some(c.hash.short_id())
+        );
+        let r = b.listed(&c.hash, 1003).unwrap().unwrap();
+        assert_eq!((r.uses, r.status(1003)), (1, Status::Used));
+        // A process that did not make the reservation (restarted since) reads it once.
+        let d = b.create(account(None), 1000).unwrap();
+        let u = d.token.expose();
+        b.reserve(u, &claim("B", "bob", 1001), HOST, 1001).unwrap();
+        let restarted = Book::new(b.backend().sharing(), HOST);
+        assert_eq!(
+            restarted.confirm(u, "B", HOST, 1002).unwrap().record.uses,
+            1
+        );
+        assert_eq!(restarted.backend().invite_reads.get(), 1);
+        // A released reservation is forgotten.
+        let e = b.create(account(None), 1000).unwrap();
+        let v = e.token.expose();
+        b.reserve(v, &claim("C", "carol", 1001), HOST, 1001)
+            .unwrap();
+        assert!(b.held.borrow().contains_key("C"));
+        b.release(v, "C", 1002).unwrap();
+        assert!(!b.held.borrow().contains_key("C"));
+        // Registrations that never said how they ended (a failed web registration) are
+        // dropped once their lease has run out, when room is needed.
+        let f = b.create(account(None), 1000).unwrap();
+        let w = f.token.expose();
+        for i in 0..HELD_MAX {
+            let holder = format!("stale{i}");
+            let mut held = b.held.borrow_mut();
+            let mut r = f.record.clone();
+            r.reservations.push(crate::record::Reservation {
+                holder: holder.clone(),
+                until: 1061,
+                username: Some(format!("u{i}")),
+                at: Some(1001),
+            });
+            held.insert(holder, (f.hash, r));
+        }
+        b.reserve(w, &claim("D", "dave", 1100), HOST, 1100).unwrap();
+        let held = b.held.borrow();
+        assert!(held.contains_key("D") && !held.contains_key("stale0"));
+    }
+
+    #[test]
+    fn a_confirmation_near_its_lease_end_reads_the_invite_after_the_entry() {
+        // Held until 1061. Another process, whose clock is ahead, settles it as lapsed
+        // (alice's account not there yet: the use is given back) while alice's entry is
+        // being written, and allows more uses.
+        let (a, b, c, token) = alice_reserving_on_one_of_two_processes();
+        let hash = c.hash;
+        meanwhile(&a, &b, move |b2| {
+            b2.edit(&hash, &uses(3), 1062).unwrap();
+        });
+        a.backend().invite_reads.set(0);
+        a.confirm_account(&token, "A", Some("alice"), HOST, 1040)
+            .unwrap();
+        assert!(a.backend().invite_reads.get() >= 1);
+        // The entry could not spend it: the invite was written with alice's use.
+        let r = a.listed(&c.hash, 1041).unwrap().unwrap();
+        assert_eq!(r.uses, 1);
+        assert_eq!(r.redemptions[0].account.as_deref(), Some("alice"));
+    }
+
     // Two processes on one database: two books over backends sharing one map. Each test
     // runs the second process's operation between the first one's read and its write
     // (`MemoryBackend::interleave`), the moment a per-process lock cannot cover.
@@ -2886,6 +2995,22 @@ mod tests {
     ) {
         let b = Rc::clone(b);
         a.backend().interleave(move || f(&b));
+    }
+
+    /// Two processes; the first holds a use of a new invite for alice (until 1061).
+    fn alice_reserving_on_one_of_two_processes() -> (
+        Book<MemoryBackend>,
+        Rc<Book<MemoryBackend>>,
+        Created,
+        String,
+    ) {
+        let a = book();
+        let b = other_process(&a);
+        let c = a.create(account(None), 1000).unwrap();
+        let token = c.token.expose().to_owned();
+        a.reserve(&token, &claim("A", "alice", 1001), HOST, 1001)
+            .unwrap();
+        (a, b, c, token)
     }
 
     fn uses_of(b: &Book<MemoryBackend>, hash: &TokenHash) -> (u32, usize) {

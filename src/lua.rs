@@ -1073,6 +1073,17 @@ fn invite_table(lua: &Lua, hash: &TokenHash, r: &InviteRecord, now: i64) -> mlua
     Ok(t)
 }
 
+/// A redeemed invite, as `book:confirm()` gives it: what a registration says of it.
+fn confirmed_table(lua: &Lua, hash: &TokenHash, r: &InviteRecord) -> mlua::Result<Table> {
+    let t = lua.create_table_with_capacity(0, 5)?;
+    t.raw_set("id", hash.short_id())?;
+    t.raw_set("uses", r.uses)?;
+    t.raw_set("max_uses", r.use_limit())?;
+    t.raw_set("creator", r.creator.as_deref())?;
+    t.raw_set("reset", r.reset.as_deref())?;
+    Ok(t)
+}
+
 /// An account's entry in the invite tree, as `book:account()` gives it.
 fn account_table(lua: &Lua, username: &str, e: &AccountEntry) -> mlua::Result<Table> {
     let t = lua.create_table()?;
@@ -1282,7 +1293,8 @@ fn get(
     })
 }
 
-/// `book:reserve(token, claim, host, now)` → the invite, one use held for the claim.
+/// `book:reserve(token, claim, host, now)` → `true`, one use held for the claim. (Only
+/// that: a registration asks nothing more of it, and builds no table it drops.)
 fn reserve(
     lua: &Lua,
     book: &LuaBook,
@@ -1298,16 +1310,17 @@ fn reserve(
     let claim: ClaimSpec = arg(lua, Value::Table(claim), 2, "reserve")?;
     guarded(lua, book, "reserve", || {
         match book.0.reserve(&presented, &claim.claim(), &host, now) {
-            Ok(found) => success(lua, invite_table(lua, &found.hash, &found.record, now)?),
+            Ok(_) => success(lua, true),
             Err(e) => failure(lua, e),
         }
     })
 }
 
-/// `book:confirm(token, holder, host, now[, username])` → the invite, the holder's use
-/// redeemed, and the account it created entered in the invite tree. `username` (optional)
-/// names the account registered, for when the holder's reservation lapsed and no longer
-/// does.
+/// `book:confirm(token, holder, host, now[, username])` → `{ id, uses, max_uses, creator,
+/// reset }` of the invite (what the registration logs and tells its creator), the holder's
+/// use redeemed, and the account it created entered in the invite tree. `username`
+/// (optional) names the account registered, for when the holder's reservation lapsed and
+/// no longer does.
 fn confirm(
     lua: &Lua,
     book: &LuaBook,
@@ -1326,7 +1339,7 @@ fn confirm(
             .0
             .confirm_account(&presented, &holder, username.as_deref(), &host, now)
         {
-            Ok(found) => success(lua, invite_table(lua, &found.hash, &found.record, now)?),
+            Ok(found) => success(lua, confirmed_table(lua, &found.hash, &found.record)?),
             Err(e) => failure(lua, e),
         }
     })
@@ -2231,7 +2244,7 @@ mod tests {
                 return {
                     listed.creator, listed.source, listed.note,
                     tostring(#r), r[1].account, tostring(r[1].at == now), tostring(r[1].reset),
-                    tostring(#confirmed.redemptions),
+                    tostring(confirmed.uses),
                     bob.username, bob.by, bob.source, tostring(bob.invite == invite.id),
                     tostring(bob.registered == now), tostring(bob.deleted),
                     table.concat(alice.invited, ","), tostring(alice.registered),

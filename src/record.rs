@@ -87,6 +87,14 @@ fn is_false(b: &bool) -> bool {
     !*b
 }
 
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+/// An invite as stored (JSON, under the key of its token's hash). A field at its default
+/// (none, false, zero, empty) is left out and read back as that default, by this version
+/// and by earlier ones: every registration reads and writes the record, and on Prosody's
+/// storage each byte of it is parsed, escaped and collected again.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct InviteRecord {
     pub v: u32,
@@ -96,30 +104,30 @@ pub struct InviteRecord {
     pub kind: InviteKind,
     pub jid: String,
     pub allow_registration: bool,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub additional_data: Option<serde_json::Value>,
     pub created_at: i64,
     pub expires: i64,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_false")]
     pub reusable: bool,
     /// Accounts this invite may create; `None` with `reusable` means any number until expiry.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_uses: Option<u32>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub uses: u32,
     pub state: StoredState,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub changed_at: Option<i64>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub reservations: Vec<Reservation>,
     /// The only username this invite may register (account invites naming a user).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub username: Option<String>,
     /// Password-reset invites: the existing account whose password may be reset.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reset: Option<String>,
     /// Roster invites: the local user whose contact the invitee becomes.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub inviter: Option<String>,
     /// The token, sealed (see `seal.rs`), where `invite_token_storage = "sealed"`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -450,6 +458,57 @@ pub(crate) mod tests {
         assert!(text.contains(r#"{"account":"bob","at":1500}"#), "{text}");
         assert!(text.contains(r#"{"at":1600,"reset":true}"#), "{text}");
         assert_eq!(InviteRecord::decode(&text, &hash).unwrap(), r);
+    }
+
+    #[test]
+    fn a_record_leaves_out_what_is_at_its_default_and_reads_as_before() {
+        let token = Token::parse("t").unwrap();
+        let mut r = sample(&token);
+        r.additional_data = None;
+        let text = r.encode();
+        assert_eq!(
+            text,
+            format!(
+                r#"{{"v":1,"hash":"{}","type":"register","jid":"example.com","allow_registration":true,"created_at":1000,"expires":2000,"state":"pending"}}"#,
+                token.hash().tagged()
+            )
+        );
+        // As earlier versions wrote it, every field named: the same invite. (Every field
+        // left out has been read as its default since the first version, so those read
+        // what this one writes.)
+        let earlier = format!(
+            r#"{{"v":1,"hash":"{}","type":"register","jid":"example.com",
+            "allow_registration":true,"additional_data":null,"created_at":1000,
+            "expires":2000,"reusable":false,"max_uses":null,"uses":0,"state":"pending",
+            "changed_at":null,"reservations":[],"username":null,"reset":null,"inviter":null}}"#,
+            token.hash().tagged()
+        );
+        assert_eq!(InviteRecord::decode(&earlier, &token.hash()).unwrap(), r);
+        assert_eq!(InviteRecord::decode(&text, &token.hash()).unwrap(), r);
+        // Anything not at its default is written, and reads back.
+        r.reusable = true;
+        r.max_uses = Some(3);
+        r.uses = 2;
+        r.changed_at = Some(1500);
+        r.username = Some(String::from("alice"));
+        r.reservations.push(Reservation {
+            holder: String::from("h"),
+            until: 1600,
+            username: Some(String::from("alice")),
+            at: Some(1540),
+        });
+        let text = r.encode();
+        for field in [
+            "reusable",
+            "max_uses",
+            "uses",
+            "changed_at",
+            "username",
+            "reservations",
+        ] {
+            assert!(text.contains(&format!("\"{field}\":")), "{field} in {text}");
+        }
+        assert_eq!(InviteRecord::decode(&text, &token.hash()).unwrap(), r);
     }
 
     #[test]

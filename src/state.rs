@@ -296,10 +296,12 @@ impl InviteRecord {
         Ok(())
     }
 
-    /// Withdraws the invite at once, including from registrations already under way.
+    /// Withdraws the invite at once: nothing more is reserved or redeemed with it. A
+    /// registration already past its reservation is creating its account; its reservation
+    /// stays, so that the use it spends is counted like any other (by its account's entry,
+    /// or when its lease lapses with the account there).
     pub fn revoke(&mut self, now: i64) {
         self.state = StoredState::Revoked;
-        self.reservations.clear();
         self.changed_at = Some(now);
     }
 
@@ -560,7 +562,7 @@ mod tests {
     }
 
     #[test]
-    fn revocation_stops_registrations_already_under_way() {
+    fn revocation_stops_new_registrations_and_counts_the_one_under_way() {
         let mut r = record();
         r.reserve(&claim("a", "alice"), 1500).unwrap();
         r.revoke(1501);
@@ -571,6 +573,10 @@ mod tests {
         );
         assert_eq!(r.redeem(1501), Err(InviteError::TokenRevoked));
         assert_eq!(r.check_valid(1501), Err(InviteError::TokenRevoked));
+        // Alice's registration was past its reservation: her account is made, and counted.
+        assert_eq!(r.reservations.len(), 1);
+        r.confirm("a", 1502).unwrap();
+        assert_eq!((r.uses, r.status(1502)), (1, Status::Revoked));
     }
 
     #[test]

@@ -194,6 +194,8 @@ pub struct MemoryBackend {
     /// Once `fail_after` has failed an operation, fail every later one too (a store gone).
     pub stay_failed: Cell<bool>,
     pub ops: Cell<usize>,
+    /// How many times an invite was read.
+    pub invite_reads: Cell<usize>,
     /// Accounts that exist, as far as `account_exists` is concerned.
     pub accounts: Rc<RefCell<std::collections::BTreeSet<String>>>,
     /// Run once by the next `update`, after it read and decided and before it writes.
@@ -261,6 +263,9 @@ impl MemoryBackend {
 impl Backend for MemoryBackend {
     fn get(&self, space: Space, owner: &str) -> Result<Option<String>, StoreError> {
         self.tick()?;
+        if space == Space::Invites {
+            self.invite_reads.set(self.invite_reads.get() + 1);
+        }
         Ok(self.raw(space, owner))
     }
 

@@ -19,6 +19,7 @@
 --                                     Lua memory (collectgarbage "count") sampled per item
 --   tokens    n                       create n account invites (untimed), return their tokens
 --   adjust    delta                   correct the pending counter (after registrations)
+--   gc                                full garbage collection (before a timed burst)
 --   prune                             call mod_invites' prune(0) if it exports one (ours):
 --                                     drops used/revoked records left by the measurements
 --
@@ -279,6 +280,12 @@ function ops.tokens(attr)
 	end
 	pending = pending + n;
 	return { tokens = out, pending = pending };
+end
+
+-- A full collection, so that the next timed burst pays for no garbage made before it.
+function ops.gc()
+	collectgarbage("collect");
+	return { lua_kb = collectgarbage("count") };
 end
 
 function ops.adjust(attr)
