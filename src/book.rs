@@ -182,8 +182,12 @@ pub struct Book<B: Backend> {
 /// confirmation reads the invite first.
 const HELD_MAX: usize = 1024;
 
-/// A reservation with at least this long (seconds) left of its lease cannot have lapsed
-/// for any process sharing the storage, whatever the difference between their clocks.
+/// A confirmation made at most this long (seconds) after its reservation, with at least
+/// `LAPSE_MARGIN` of the lease left, reads no invite: no process sharing the storage can
+/// have settled the reservation as lapsed unless its clock is ahead by more than the lease
+/// less `FAST_CONFIRM` (110 s of the default 120), and a clock that far ahead settles other
+/// processes' fresh reservations as lapsed anyway (leases need clocks that agree).
+const FAST_CONFIRM: i64 = 10;
 const LAPSE_MARGIN: i64 = 30;
 
 impl<B: Backend> Book<B> {
@@ -662,16 +666,7 @@ impl<B: Backend> Book<B> {
             Ok(())
         })?;
         self.enter_redeemed(&hash, &record, uses_before);
-        let mut held = self.held.borrow_mut();
-        if held.len() >= HELD_MAX {
-            held.retain(|holder, (_, r)| {
-                Self::held_for(r, holder).is_some_and(|(_, until)| until >= now)
-            });
-        }
-        if held.len() < HELD_MAX {
-            held.insert(claim.holder.to_owned(), (hash, record.clone()));
-        }
-        drop(held);
+        self.remember_held(claim.holder, &hash, &record, now);
         Ok(Found { hash, record })
     }
 
@@ -724,6 +719,29 @@ impl<B: Backend> Book<B> {
         Ok(Found { hash, record })
     }
 
+    /// Remembers the invite as `reserve` stored it for `holder`, for `confirm_by_entry`:
+    /// what it needs of it (not the redemptions, note, landing page or additional data, so
+    /// that a full map of large invites stays small). Not for resets, which it never takes.
+    fn remember_held(&self, holder: &str, hash: &TokenHash, record: &InviteRecord, now: i64) {
+        if record.reset.is_some() {
+            return;
+        }
+        let mut held = self.held.borrow_mut();
+        if held.len() >= HELD_MAX {
+            held.retain(|holder, (_, r)| {
+                Self::held_for(r, holder).is_some_and(|(_, _, until)| until >= now)
+            });
+        }
+        if held.len() < HELD_MAX {
+            let mut kept = record.clone();
+            kept.redemptions = Vec::new();
+            kept.note = None;
+            kept.landing_page = None;
+            kept.additional_data = None;
+            held.insert(holder.to_owned(), (*hash, kept));
+        }
+    }
+
     /// `confirm_account` without writing the invite, where the reservation names its account
     /// and when it was made: the account's entry in the invite tree, which a registration
     /// writes anyway, says it was registered with this invite, and that makes `settle`
@@ -734,8 +752,9 @@ impl<B: Backend> Book<B> {
     /// The entry is written from the invite as `reserve` stored it (what it takes from it
     /// never changes). The entry spends the use only while the reservation is still there,
     /// and only a lapse takes one away (release is its own registration's, revocation
-    /// keeps it, an edit too): with time left on the lease, nothing is read. Otherwise the
-    /// invite is read after the entry. `None` where this does not apply (a reset, a
+    /// keeps it, an edit too): confirmed within `FAST_CONFIRM` of the reservation and with
+    /// `LAPSE_MARGIN` of the lease left, nothing is read. Otherwise the invite is read
+    /// after the entry. The answer is the invite as reserved, with this use spent. `None` where this does not apply (a reset, a
     /// reservation gone or of an earlier version, a host without the tree's store) or the
     /// entry could not be written: then the invite is written as before.
     fn confirm_by_entry(
@@ -745,16 +764,16 @@ impl<B: Backend> Book<B> {
         account: Option<&str>,
         now: i64,
     ) -> Result<Option<Found>, InviteError> {
-        let held = self.held.borrow_mut().remove(holder);
+        let cached = self.held.borrow_mut().remove(holder);
         if !self.backend.keeps(Space::Accounts) {
             return Ok(None);
         }
-        let mut record = match held {
+        let mut record = match cached {
             Some((h, record)) if h == *hash => record,
             _ => self.load(hash)?,
         };
         self.made_here(hash, &record)?;
-        let Some((username, until)) = Self::held_for(&record, holder) else {
+        let Some((username, at, until)) = Self::held_for(&record, holder) else {
             return Ok(None);
         };
         if account.is_some_and(|a| a != username) {
@@ -763,7 +782,7 @@ impl<B: Backend> Book<B> {
         if self.enter_account(&username, hash, &record, now).is_err() {
             return Ok(None);
         }
-        if until.saturating_sub(now) < LAPSE_MARGIN {
+        if now.saturating_sub(at) > FAST_CONFIRM || until.saturating_sub(now) < LAPSE_MARGIN {
             // It may have lapsed, and been settled elsewhere (its use given back) before
             // the entry was there. Then the invite is written as before (unless a process
             // that read the entry already counted the use: its redemption names the
@@ -789,12 +808,11 @@ impl<B: Backend> Book<B> {
         }))
     }
 
-    /// The account the reservation of `holder` is for and its lease's end, where it names
-    /// one and when it was made (reservations of this version).
-    fn held_for(record: &InviteRecord, holder: &str) -> Option<(String, i64)> {
+    /// The account the reservation of `holder` is for, when it was made and when its lease
+    /// ends, where it names one and when it was made (reservations of this version).
+    fn held_for(record: &InviteRecord, holder: &str) -> Option<(String, i64, i64)> {
         let held = record.reservations.iter().find(|r| r.holder == holder)?;
-        held.at?;
-        Some((held.username.clone()?, held.until))
+        Some((held.username.clone()?, held.at?, held.until))
     }
 
     /// The registration holding `holder` failed. Its use is given back, unless the account
@@ -2950,23 +2968,26 @@ mod tests {
     }
 
     #[test]
-    fn a_confirmation_near_its_lease_end_reads_the_invite_after_the_entry() {
-        // Held until 1061. Another process, whose clock is ahead, settles it as lapsed
-        // (alice's account not there yet: the use is given back) while alice's entry is
-        // being written, and allows more uses.
-        let (a, b, c, token) = alice_reserving_on_one_of_two_processes();
-        let hash = c.hash;
-        meanwhile(&a, &b, move |b2| {
-            b2.edit(&hash, &uses(3), 1062).unwrap();
-        });
-        a.backend().invite_reads.set(0);
-        a.confirm_account(&token, "A", Some("alice"), HOST, 1040)
-            .unwrap();
-        assert!(a.backend().invite_reads.get() >= 1);
-        // The entry could not spend it: the invite was written with alice's use.
-        let r = a.listed(&c.hash, 1041).unwrap().unwrap();
-        assert_eq!(r.uses, 1);
-        assert_eq!(r.redemptions[0].account.as_deref(), Some("alice"));
+    fn a_late_confirmation_reads_the_invite_after_the_entry() {
+        // Reserved at 1001, held until 1061; confirmed more than FAST_CONFIRM after the
+        // reservation (1012), or with less than LAPSE_MARGIN left (1040). Another process,
+        // whose clock is ahead, settles it as lapsed (alice's account not there yet: the use
+        // is given back) while alice's entry is being written, and allows more uses.
+        for confirmed_at in [1012, 1040] {
+            let (a, b, c, token) = alice_reserving_on_one_of_two_processes();
+            let hash = c.hash;
+            meanwhile(&a, &b, move |b2| {
+                b2.edit(&hash, &uses(3), 1062).unwrap();
+            });
+            a.backend().invite_reads.set(0);
+            a.confirm_account(&token, "A", Some("alice"), HOST, confirmed_at)
+                .unwrap();
+            assert!(a.backend().invite_reads.get() >= 1, "{confirmed_at}");
+            // The entry could not spend it: the invite was written with alice's use.
+            let r = a.listed(&c.hash, confirmed_at + 1).unwrap().unwrap();
+            assert_eq!(r.uses, 1, "{confirmed_at}");
+            assert_eq!(r.redemptions[0].account.as_deref(), Some("alice"));
+        }
     }
 
     // Two processes on one database: two books over backends sharing one map. Each test
