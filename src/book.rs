@@ -2861,7 +2861,7 @@ mod tests {
 
     #[test]
     fn a_registration_confirmed_while_its_invite_is_revoked_still_counts_its_use() {
-        let (a, b, c, token) = alice_reserving_on_one_of_two_processes();
+        let (a, b, c, token) = alice_reserving_on_one_of_two_processes(1061);
         a.backend()
             .accounts
             .borrow_mut()
@@ -2969,15 +2969,16 @@ mod tests {
 
     #[test]
     fn a_late_confirmation_reads_the_invite_after_the_entry() {
-        // Reserved at 1001, held until 1061; confirmed more than FAST_CONFIRM after the
-        // reservation (1012), or with less than LAPSE_MARGIN left (1040). Another process,
-        // whose clock is ahead, settles it as lapsed (alice's account not there yet: the use
-        // is given back) while alice's entry is being written, and allows more uses.
-        for confirmed_at in [1012, 1040] {
-            let (a, b, c, token) = alice_reserving_on_one_of_two_processes();
+        // Reserved at 1001. Confirmed more than FAST_CONFIRM after the reservation (1012,
+        // held until 1061), or with less than LAPSE_MARGIN left (1007, held until 1036).
+        // Another process, whose clock is past the lease, settles it as lapsed (alice's
+        // account not there yet: the use is given back) while alice's entry is being
+        // written, and allows more uses.
+        for (until, confirmed_at) in [(1061, 1012), (1036, 1007)] {
+            let (a, b, c, token) = alice_reserving_on_one_of_two_processes(until);
             let hash = c.hash;
             meanwhile(&a, &b, move |b2| {
-                b2.edit(&hash, &uses(3), 1062).unwrap();
+                b2.edit(&hash, &uses(3), until + 1).unwrap();
             });
             a.backend().invite_reads.set(0);
             a.confirm_account(&token, "A", Some("alice"), HOST, confirmed_at)
@@ -3018,8 +3019,11 @@ mod tests {
         a.backend().interleave(move || f(&b));
     }
 
-    /// Two processes; the first holds a use of a new invite for alice (until 1061).
-    fn alice_reserving_on_one_of_two_processes() -> (
+    /// Two processes; the first holds a use of a new invite for alice, reserved at 1001
+    /// and held until `until`.
+    fn alice_reserving_on_one_of_two_processes(
+        until: i64,
+    ) -> (
         Book<MemoryBackend>,
         Rc<Book<MemoryBackend>>,
         Created,
@@ -3029,8 +3033,9 @@ mod tests {
         let b = other_process(&a);
         let c = a.create(account(None), 1000).unwrap();
         let token = c.token.expose().to_owned();
-        a.reserve(&token, &claim("A", "alice", 1001), HOST, 1001)
-            .unwrap();
+        let mut alice = claim("A", "alice", 1001);
+        alice.lease_until = until;
+        a.reserve(&token, &alice, HOST, 1001).unwrap();
         (a, b, c, token)
     }
 
