@@ -654,7 +654,7 @@ impl<B: Backend> Book<B> {
     ) -> Result<Found, InviteError> {
         self.acting_here(host)?;
         let hash = Self::hash_of(token)?;
-        let (record, uses_before) = self.change_settled(&hash, now, None, |record| {
+        let (mut record, uses_before) = self.change_settled(&hash, now, None, |record| {
             self.made_here(&hash, record)?;
             record.reserve(claim, now)?;
             if record.username.as_deref() != Some(claim.username) && record.reset.is_none() {
@@ -666,7 +666,7 @@ impl<B: Backend> Book<B> {
             Ok(())
         })?;
         self.enter_redeemed(&hash, &record, uses_before);
-        self.remember_held(claim.holder, &hash, &record, now);
+        self.remember_held(claim.holder, &hash, &mut record, now);
         Ok(Found { hash, record })
     }
 
@@ -721,8 +721,9 @@ impl<B: Backend> Book<B> {
 
     /// Remembers the invite as `reserve` stored it for `holder`, for `confirm_by_entry`:
     /// what it needs of it (not the redemptions, note, landing page or additional data, so
-    /// that a full map of large invites stays small). Not for resets, which it never takes.
-    fn remember_held(&self, holder: &str, hash: &TokenHash, record: &InviteRecord, now: i64) {
+    /// that a full map of large invites stays small, and a reservation of a reusable invite
+    /// does not copy its redemptions). Not for resets, which it never takes.
+    fn remember_held(&self, holder: &str, hash: &TokenHash, record: &mut InviteRecord, now: i64) {
         if record.reset.is_some() {
             return;
         }
@@ -733,8 +734,9 @@ impl<B: Backend> Book<B> {
             });
         }
         if held.len() < HELD_MAX {
+            let redemptions = std::mem::take(&mut record.redemptions);
             let mut kept = record.clone();
-            kept.redemptions = Vec::new();
+            record.redemptions = redemptions;
             kept.note = None;
             kept.landing_page = None;
             kept.additional_data = None;
@@ -754,9 +756,10 @@ impl<B: Backend> Book<B> {
     /// and only a lapse takes one away (release is its own registration's, revocation
     /// keeps it, an edit too): confirmed within `FAST_CONFIRM` of the reservation and with
     /// `LAPSE_MARGIN` of the lease left, nothing is read. Otherwise the invite is read
-    /// after the entry. The answer is the invite as reserved, with this use spent. `None` where this does not apply (a reset, a
-    /// reservation gone or of an earlier version, a host without the tree's store) or the
-    /// entry could not be written: then the invite is written as before.
+    /// after the entry. The answer is the invite as reserved, with this use spent. `None`
+    /// where this does not apply (a reset, a reservation gone or of an earlier version, a
+    /// host without the tree's store) or the entry could not be written: then the invite
+    /// is written as before.
     fn confirm_by_entry(
         &self,
         hash: &TokenHash,
