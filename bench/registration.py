@@ -33,9 +33,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import csv
+import math
 import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -86,122 +88,187 @@ async def burst(sessions: list[xmpp.UnauthedSession], names: list[str], timeout:
     return wall, ok, failures
 
 
-def cpu_seconds(pid: int) -> tuple[float, float]:
-    """User and system CPU time of a process so far (Linux /proc)."""
+def cpu_seconds(pid: int) -> tuple[float, float, float]:
+    """CPU time of a process so far (Linux /proc): (total, user, system). The total is the
+    scheduler's own count in nanoseconds (/proc/PID/schedstat); user and system come in
+    clock ticks (10 ms), which only their sums over many bursts can split finely."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     tick = os.sysconf("SC_CLK_TCK")
-    return int(fields[11]) / tick, int(fields[12]) / tick
+    user, system = int(fields[11]) / tick, int(fields[12]) / tick
+    try:
+        total = int(Path(f"/proc/{pid}/schedstat").read_text().split()[0]) / 1e9
+    except (OSError, ValueError, IndexError):
+        total = user + system
+    return total, user, system
 
 
 async def close(sessions) -> None:
     await asyncio.gather(*(s.close() for s in sessions), return_exceptions=True)
 
 
-async def run_storage(storage: str, args) -> dict:
-    srv = BenchServer(
-        storage,
-        impl="ours",
-        registration_invite_only=False,
-        allow_registration=True,
-        extra_modules=["invites_bench"],
-        # The preauth throttle and Prosody's registration limits count per address, and every
-        # client is 127.0.0.1: this measures registration, not the throttle (as spec/load does).
-        options={"invite_throttle_max": 100000},
-        start_timeout=60.0,
-    )
-    rates = {"open": [], "invite": []}
-    ratios = []
-    # Prosody's own CPU per registration: what the server spends, whatever the clients cost.
-    cpu = {"open": [], "invite": []}
-    system = {"open": [], "invite": []}  # of which in the kernel (file creation, locks, reads)
-    cpu_ratios = []
+IMPL_NAMES = {"ours": "ours", "stock": "Prosody's"}
+
+
+class Side:
+    """One server under measurement: an implementation on a storage, and what its bursts gave."""
+
+    def __init__(self, impl: str, storage: str):
+        self.impl, self.storage = impl, storage
+        self.srv = BenchServer(
+            storage,
+            impl=impl,
+            registration_invite_only=False,
+            allow_registration=True,
+            extra_modules=["invites_bench"],
+            # The preauth throttle and Prosody's registration limits count per address, and
+            # every client is 127.0.0.1: this measures registration, not the throttle (as
+            # spec/load does). Prosody's own modules have no such throttle.
+            options={"invite_throttle_max": 100000},
+            start_timeout=60.0,
+        )
+        self.client = None
+        self.rates = {"open": [], "invite": []}
+        self.ratios: list[float] = []
+        # Prosody's own CPU per registration: what the server spends, whatever the clients cost.
+        self.cpu = {"open": [], "invite": []}
+        self.cpu_ratios: list[float] = []
+        # Summed over the counted bursts: total CPU and its user/system split (ticks).
+        self.sums = {w: {"n": 0, "cpu": 0.0, "user": 0.0, "sys": 0.0} for w in ("open", "invite")}
+
+    @property
+    def label(self) -> str:
+        return f"{self.storage} ({IMPL_NAMES[self.impl]})"
+
+    async def start(self) -> None:
+        self.srv.start()
+        self.srv.register_user("bench", "bench-password")
+        self.client = await xmpp.login(self.srv.port, "bench@localhost", "bench-password", presence=False,
+                                       timeout=30)
+        info = await bench(self.client, "info")
+        log(f"{self.label}: mod_invites from {info['invites']}, mod_invites_register from {info['invites_register']}")
+
+    async def one_burst(self, way: str, tag: str, args) -> dict:
+        names = [f"{tag}u{i}" for i in range(args.burst)]
+        sessions = await open_sessions(self.srv.port, args.burst, args.concurrency, args.timeout)
+        try:
+            if way == "invite":
+                tokens = (await bench(self.client, "tokens", timeout=120, n=args.burst))["tokens"]
+                pre = await asyncio.gather(*(s.preauth(t, timeout=args.timeout) for s, t in zip(sessions, tokens)))
+                bad = [p for p in pre if not p.ok]
+                if bad:
+                    raise RuntimeError(f"{self.label}: preauth refused: {bad[0]!r}")
+            # Each burst starts from a collected heap: neither way pays for garbage made
+            # before it (the other way's burst, the invites and preauths above).
+            await bench(self.client, "gc")
+            before = cpu_seconds(self.srv.proc.pid)
+            wall, ok, failures = await burst(sessions, names, args.timeout)
+            after = cpu_seconds(self.srv.proc.pid)
+        finally:
+            await close(sessions)
+        if ok != args.burst:
+            raise RuntimeError(f"{self.label} {way} burst: {ok}/{args.burst} registered; {failures[:3]}")
+        total, user, system = (a - b for a, b in zip(after, before))
+        return {"rate": args.burst / wall, "cpu": total, "user": user, "sys": system}
+
+    def count(self, got: dict, n: int) -> None:
+        for way in ("open", "invite"):
+            self.rates[way].append(got[way]["rate"])
+            self.cpu[way].append(got[way]["cpu"] / n)
+            for k in ("cpu", "user", "sys"):
+                self.sums[way][k] += got[way][k]
+            self.sums[way]["n"] += n
+        self.ratios.append(got["invite"]["rate"] / got["open"]["rate"])
+        if got["invite"]["cpu"] > 0:
+            self.cpu_ratios.append(got["open"]["cpu"] / got["invite"]["cpu"])
+
+    async def stop(self) -> None:
+        try:
+            if self.client is not None:
+                await xmpp._shutdown(self.client)
+            err = self.srv.err_text().strip()
+            if err:
+                log(f"  {self.label} prosody.err:\n{err[-1500:]}")
+        finally:
+            self.srv.cleanup()
+
+
+async def run_storage(storage: str, impls: list[str], args) -> list[Side]:
+    """Every implementation's server on `storage`, all running; each round visits them in
+    turn (the order rotates from round to round) and makes one open and one invite burst on
+    each (that order alternates too), so the implementations share the machine's drift."""
+    sides = [Side(impl, storage) for impl in impls]
     try:
-        srv.start()
-        srv.register_user("bench", "bench-password")
-        client = await xmpp.login(srv.port, "bench@localhost", "bench-password", presence=False, timeout=30)
-        info = await bench(client, "info")
-        log(f"{storage}: mod_invites from {info['invites']}, mod_invites_register from {info['invites_register']}")
+        for side in sides:
+            await side.start()
         # A warm-up burst of each (not counted): first connections, first account files / SQL statements.
-        rounds = [("warm-up", ("open", "invite"))] + [
-            (r, ("open", "invite") if r % 2 else ("invite", "open")) for r in range(1, args.rounds + 1)]
-        for rnd, order in rounds:
-            got = {}
-            for way in order:
-                tag = f"{storage[0]}{rnd if rnd != 'warm-up' else 0}{way[0]}"
-                names = [f"{tag}u{i}" for i in range(args.burst)]
-                sessions = await open_sessions(srv.port, args.burst, args.concurrency, args.timeout)
-                try:
-                    if way == "invite":
-                        tokens = (await bench(client, "tokens", timeout=120, n=args.burst))["tokens"]
-                        pre = await asyncio.gather(*(s.preauth(t, timeout=args.timeout) for s, t in zip(sessions, tokens)))
-                        bad = [p for p in pre if not p.ok]
-                        if bad:
-                            raise RuntimeError(f"preauth refused: {bad[0]!r}")
-                    # Each burst starts from a collected heap: neither way pays for garbage
-                    # made before it (the other way's burst, the invites and preauths above).
-                    await bench(client, "gc")
-                    user0, sys0 = cpu_seconds(srv.proc.pid)
-                    wall, ok, failures = await burst(sessions, names, args.timeout)
-                    user1, sys1 = cpu_seconds(srv.proc.pid)
-                    spent, in_kernel = (user1 - user0) + (sys1 - sys0), sys1 - sys0
-                finally:
-                    await close(sessions)
-                if ok != args.burst:
-                    raise RuntimeError(f"{way} burst: {ok}/{args.burst} registered; {failures[:3]}")
-                got[way] = args.burst / wall
-                got[way + "_cpu"] = spent / args.burst
-                got[way + "_sys"] = in_kernel / args.burst
-            line = (f"  round {rnd}: open {got['open']:.0f}/s, invite {got['invite']:.0f}/s, ratio "
-                    f"{got['invite'] / got['open']:.2f}; server CPU per registration open "
-                    f"{got['open_cpu'] * 1e3:.2f} ms, invite {got['invite_cpu'] * 1e3:.2f} ms")
-            if rnd == "warm-up":
-                log(line + " (not counted)")
-                continue
-            log(line)
-            for way in rates:
-                rates[way].append(got[way])
-            ratios.append(got["invite"] / got["open"])
-            for way in cpu:
-                cpu[way].append(got[way + "_cpu"])
-                system[way].append(got[way + "_sys"])
-            if got["invite_cpu"] > 0:
-                cpu_ratios.append(got["open_cpu"] / got["invite_cpu"])
-        await xmpp._shutdown(client)
-        err = srv.err_text().strip()
-        if err:
-            log(f"  prosody.err:\n{err[-1500:]}")
+        for rnd in ["warm-up"] + list(range(1, args.rounds + 1)):
+            r = 0 if rnd == "warm-up" else rnd
+            order = ("open", "invite") if r % 2 else ("invite", "open")
+            k = r % len(sides)
+            for side in sides[k:] + sides[:k]:
+                got = {}
+                for way in order:
+                    got[way] = await side.one_burst(way, f"{storage[0]}{side.impl[0]}{r}{way[0]}", args)
+                line = (f"  round {rnd} {side.label}: open {got['open']['rate']:.0f}/s, invite "
+                        f"{got['invite']['rate']:.0f}/s, ratio {got['invite']['rate'] / got['open']['rate']:.2f}; "
+                        f"server CPU per registration open {got['open']['cpu'] / args.burst * 1e3:.2f} ms, "
+                        f"invite {got['invite']['cpu'] / args.burst * 1e3:.2f} ms")
+                if rnd == "warm-up":
+                    log(line + " (not counted)")
+                    continue
+                log(line)
+                side.count(got, args.burst)
     finally:
+        for side in sides:
+            await side.stop()
         await xmpp.close_all()
-        srv.cleanup()
-    return {"storage": storage, "open": rates["open"], "invite": rates["invite"], "ratio": ratios,
-            "open_cpu": cpu["open"], "invite_cpu": cpu["invite"], "cpu_ratio": cpu_ratios,
-            "open_sys": system["open"], "invite_sys": system["invite"]}
+    return sides
 
 
-def summary_rows(results: list[dict]) -> list[list[str]]:
-    rows = [["storage", "rounds", "open reg/s median (min-max)", "invite reg/s median (min-max)",
+def per_reg_ms(side: Side, way: str, key: str) -> float:
+    s = side.sums[way]
+    return s[key] / s["n"] * 1e3 if s["n"] else math.nan
+
+
+def summary_rows(results: list[Side]) -> list[list[str]]:
+    rows = [["storage (modules)", "rounds", "open reg/s median (min-max)", "invite reg/s median (min-max)",
              "invite/open median", "invite/open min-max", "server CPU ms/reg open", "invite",
-             "open/invite CPU median (min-max)", "of which system ms/reg open", "invite"]]
+             "open/invite CPU median (min-max)", "open/invite CPU, all bursts", "of which system ms/reg open",
+             "invite"]]
     for r in results:
-        if not r["ratio"]:
+        if not r.ratios:
             continue
-        o, i, q = r["open"], r["invite"], r["ratio"]
-        rows.append([r["storage"], str(len(q)),
+        o, i, q, c = r.rates["open"], r.rates["invite"], r.ratios, r.cpu_ratios
+        rows.append([r.label, str(len(q)),
                      f"{statistics.median(o):.0f} ({min(o):.0f}-{max(o):.0f})",
                      f"{statistics.median(i):.0f} ({min(i):.0f}-{max(i):.0f})",
                      f"{statistics.median(q):.2f}", f"{min(q):.2f}-{max(q):.2f}",
-                     f"{statistics.median(r['open_cpu']) * 1e3:.2f}",
-                     f"{statistics.median(r['invite_cpu']) * 1e3:.2f}",
-                     (f"{statistics.median(r['cpu_ratio']):.2f} ({min(r['cpu_ratio']):.2f}-"
-                      f"{max(r['cpu_ratio']):.2f})") if r["cpu_ratio"] else "-",
-                     f"{statistics.median(r['open_sys']) * 1e3:.2f}",
-                     f"{statistics.median(r['invite_sys']) * 1e3:.2f}"])
+                     f"{per_reg_ms(r, 'open', 'cpu'):.2f}", f"{per_reg_ms(r, 'invite', 'cpu'):.2f}",
+                     f"{statistics.median(c):.2f} ({min(c):.2f}-{max(c):.2f})" if c else "-",
+                     f"{per_reg_ms(r, 'open', 'cpu') / per_reg_ms(r, 'invite', 'cpu'):.2f}",
+                     f"{per_reg_ms(r, 'open', 'sys'):.2f}", f"{per_reg_ms(r, 'invite', 'sys'):.2f}"])
     return rows
+
+
+def file_system(path: str) -> str:
+    """The file system under `path` and its mount options (from /proc/mounts), for the record."""
+    best = ("?", "?", "")
+    try:
+        real = os.path.realpath(path)
+        for line in Path("/proc/mounts").read_text().splitlines():
+            dev, mnt, fstype, opts = line.split()[:4]
+            if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best[1]):
+                best = (fstype, mnt, opts)
+    except OSError:
+        pass
+    return f"{best[0]} on {best[1]} ({best[2]})"
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--storage", default="internal,sql", help="internal,sql,pgsql (default internal,sql)")
+    ap.add_argument("--impl", default="ours,stock",
+                    help="ours,stock (default both: our modules and Prosody's own, side by side)")
     ap.add_argument("--rounds", type=int, default=30, help="counted rounds (each: one open and one invite burst)")
     ap.add_argument("--burst", type=int, default=50, help="registrations per burst")
     ap.add_argument("--concurrency", type=int, default=25, help="streams connecting at once while a burst is set up")
@@ -217,11 +284,18 @@ def main() -> int:
         return 2
     plugins = None if args.no_snapshot else load.snapshot_plugins()
     version = load.prosody_version()
-    log(f"Prosody {version}; {args.rounds} rounds of {args.burst} open + {args.burst} invite registrations per storage")
+    impls = [i.strip() for i in args.impl.split(",") if i.strip()]
+    bad = [i for i in impls if i not in IMPL_NAMES]
+    if bad or not impls:
+        print(f"--impl takes ours and/or stock, not {args.impl!r}", file=sys.stderr)
+        return 2
+    data_fs = file_system(tempfile.gettempdir())
+    log(f"Prosody {version}; {args.rounds} rounds of {args.burst} open + {args.burst} invite registrations per "
+        f"storage and implementation ({', '.join(IMPL_NAMES[i] for i in impls)}); data directories on {data_fs}")
     results = []
     try:
         for storage in [s.strip() for s in args.storage.split(",") if s.strip()]:
-            results.append(asyncio.run(run_storage(storage, args)))
+            results.extend(asyncio.run(run_storage(storage, impls, args)))
     finally:
         if plugins is not None:
             import shutil
@@ -237,19 +311,23 @@ def main() -> int:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     with (args.out_dir / "registration-results.csv").open("w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["prosody", "storage", "round", "open_per_s", "invite_per_s", "ratio",
-                    "open_cpu_ms", "invite_cpu_ms", "open_sys_ms", "invite_sys_ms"])
+        w.writerow(["prosody", "modules", "storage", "round", "open_per_s", "invite_per_s", "ratio",
+                    "open_cpu_ms", "invite_cpu_ms"])
         for r in results:
-            for k, (o, i, q, oc, ic, os_, is_) in enumerate(zip(r["open"], r["invite"], r["ratio"], r["open_cpu"],
-                                                                r["invite_cpu"], r["open_sys"], r["invite_sys"]), 1):
-                w.writerow([version, r["storage"], k, f"{o:.1f}", f"{i:.1f}", f"{q:.3f}", f"{oc * 1e3:.3f}",
-                            f"{ic * 1e3:.3f}", f"{os_ * 1e3:.3f}", f"{is_ * 1e3:.3f}"])
-    md = [f"# Registration: invite vs open, one server (Prosody {version})", "",
+            for k, (o, i, q, oc, ic) in enumerate(zip(r.rates["open"], r.rates["invite"], r.ratios, r.cpu["open"],
+                                                      r.cpu["invite"]), 1):
+                w.writerow([version, r.impl, r.storage, k, f"{o:.1f}", f"{i:.1f}", f"{q:.3f}", f"{oc * 1e3:.3f}",
+                            f"{ic * 1e3:.3f}"])
+    md = [f"# Registration: invite vs open, one server each (Prosody {version})", "",
           f"`python3 bench/registration.py {' '.join(sys.argv[1:])}` on {os.cpu_count()} CPUs, "
-          f"{time.strftime('%Y-%m-%d %H:%M')}. Bursts of {args.burst} concurrent registrations, alternating; "
-          "invite registrations preauthed before the clock. Target (issue 16): invite/open >= 0.90. "
-          "Server CPU: Prosody's user+system time over each burst, per registration (what the server "
-          "spends, whatever the clients in this same machine cost); system: the part spent in the kernel. "
+          f"{time.strftime('%Y-%m-%d %H:%M')}; data directories on {data_fs}. "
+          f"Bursts of {args.burst} concurrent registrations, alternating; "
+          "invite registrations preauthed before the clock. With both implementations, both servers run "
+          "at once and every round visits each in turn (the order rotates). Target (issue 16): "
+          "invite/open >= 0.90. "
+          "Server CPU: Prosody's CPU time over each burst (/proc/PID/schedstat, nanoseconds), per "
+          "registration, summed over all counted bursts (what the server spends, whatever the clients in "
+          "this same machine cost); system: the part spent in the kernel (clock ticks, summed). "
           "A full garbage collection in the server before each burst, outside the clock. "
           f"Load average at the end: {', '.join(f'{x:.2f}' for x in os.getloadavg())} "
           "(other work on the machine shows as a wide spread).", "",
