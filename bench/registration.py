@@ -49,7 +49,7 @@ sys.path.insert(0, str(HERE))
 
 import harness  # noqa: E402
 import xmpp  # noqa: E402
-import load  # noqa: E402  (snapshot_plugins, prosody_version)
+import load  # noqa: E402  (snapshot_plugins, prosody_version, prosody_cpu_times)
 from run import BenchServer, bench, log  # noqa: E402
 
 PASSWORD = "reg-bench-password"
@@ -92,9 +92,10 @@ def cpu_seconds(pid: int) -> tuple[float, float, float]:
     """CPU time of a process so far (Linux /proc): (total, user, system). The total is the
     scheduler's own count in nanoseconds (/proc/PID/schedstat); user and system come in
     clock ticks (10 ms), which only their sums over many bursts can split finely."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    tick = os.sysconf("SC_CLK_TCK")
-    user, system = int(fields[11]) / tick, int(fields[12]) / tick
+    times = load.prosody_cpu_times(pid)
+    if times is None:
+        raise RuntimeError(f"Prosody (pid {pid}) is gone")
+    user, system = times
     try:
         total = int(Path(f"/proc/{pid}/schedstat").read_text().split()[0]) / 1e9
     except (OSError, ValueError, IndexError):

@@ -812,7 +812,7 @@ impl<B: Backend> Book<B> {
     }
 
     /// The account the reservation of `holder` is for, when it was made and when its lease
-    /// ends, where it names one and when it was made (reservations of this version).
+    /// ends, where it names an account and when it was made (reservations of this version).
     fn held_for(record: &InviteRecord, holder: &str) -> Option<(String, i64, i64)> {
         let held = record.reservations.iter().find(|r| r.holder == holder)?;
         Some((held.username.clone()?, held.at?, held.until))

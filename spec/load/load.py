@@ -317,12 +317,20 @@ def generate_invite(srv: harness.ProsodyServer, uses: int, attempts: int = 3) ->
     raise AssertionError("unreachable")
 
 
-def prosody_cpu_seconds(pid: int) -> float | None:
+def prosody_cpu_times(pid: int) -> tuple[float, float] | None:
+    """User and system CPU seconds of a process so far (/proc/PID/stat, clock ticks);
+    None once it is gone."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+def prosody_cpu_seconds(pid: int) -> float | None:
+    times = prosody_cpu_times(pid)
+    return None if times is None else sum(times)
 
 
 def tree_digest(root: Path) -> str:
