@@ -41,7 +41,9 @@ PROSODY1306_READY := $(PROSODY1306)/ready-$(subst ~,_,$(PROSODY1306_VERSION))-$(
 PROSODY_NEWEST_VERSION := 13.0.7-1
 PROSODY_NEWEST_MODULES_VERSION := 0.0~hg20260723.0971c99bfbc9+dfsg-1
 PROSODY_NEWEST := $(BUILD)/root-forky
-PROSODY_NEWEST_READY := $(PROSODY_NEWEST)/ready-$(subst ~,_,$(PROSODY_NEWEST_VERSION))-$(subst ~,_,$(PROSODY_NEWEST_MODULES_VERSION))
+# With LuaSQLite3, which Prosody 13 then uses for SQLite (util.sqlite3); the other 13s use LuaDBI.
+PROSODY_NEWEST_EXTRA := lua-lsqlite3
+PROSODY_NEWEST_READY := $(PROSODY_NEWEST)/ready-$(subst ~,_,$(PROSODY_NEWEST_VERSION))-$(subst ~,_,$(PROSODY_NEWEST_MODULES_VERSION))-$(PROSODY_NEWEST_EXTRA)
 
 # Python for the tests and tools (see .ci/python).
 PYTHON := sh .ci/python
@@ -116,7 +118,7 @@ test-prosody1306: deps build $(PROSODY1306_READY)
 
 $(PROSODY_NEWEST_READY):
 	rm -f $(PROSODY_NEWEST)/ready-*
-	sh .ci/prosody-root $(PROSODY_NEWEST) forky "$(PROSODY_NEWEST_VERSION)" "$(PROSODY_NEWEST_MODULES_VERSION)"
+	sh .ci/prosody-root $(PROSODY_NEWEST) forky "$(PROSODY_NEWEST_VERSION)" "$(PROSODY_NEWEST_MODULES_VERSION)" "$(PROSODY_NEWEST_EXTRA)"
 	touch $@
 
 test-prosody-newest: deps build $(PROSODY_NEWEST_READY)

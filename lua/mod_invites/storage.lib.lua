@@ -47,6 +47,16 @@ local page_sql = [[
 SELECT DISTINCT "user" FROM "prosody" WHERE "host"=? AND "store"=? AND "user">?
 ORDER BY "user" LIMIT ]] .. page_size;
 
+-- Ends the open transaction of a connection, if any: LuaDBI's (util.sql) or LuaSQLite3's
+-- (util.sqlite3, which Prosody 13 prefers for SQLite when it is installed).
+local function roll_back(conn)
+	if conn.rollback then
+		conn:rollback();
+	else
+		conn:exec("ROLLBACK");
+	end
+end
+
 -- The engine mod_storage_sql made for the host's `sql` option (it keeps one per database
 -- in this shared table, under a URI of its params).
 local function host_engine(module)
@@ -91,15 +101,16 @@ local function sql_access(module, engine, stores)
 			pcall(tune, e);
 			return set_encoding(e, ...);
 		end
-		-- util.sql leaves a transaction whose COMMIT failed (the other process held its lock
-		-- past the timeout) open, holding its locks: nothing on this connection can commit
-		-- again while the other process waits for those locks too. Roll it back, so that
-		-- a failed transaction changed nothing (as it reports) and the next starts clean.
+		-- util.sql and util.sqlite3 leave a transaction whose COMMIT failed (the other
+		-- process held its lock past the timeout) open, holding its locks: nothing on this
+		-- connection can commit again (with LuaSQLite3 not even begin) while the other
+		-- process waits for those locks too. Roll it back, so that a failed transaction
+		-- changed nothing (as it reports) and the next starts clean.
 		local run = engine._transaction;
 		engine._transaction = function (e, ...)
 			local ok, a, b, c = run(e, ...);
 			if not ok and e.conn then
-				pcall(e.conn.rollback, e.conn);
+				pcall(roll_back, e.conn);
 			end
 			return ok, a, b, c;
 		end

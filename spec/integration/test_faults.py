@@ -291,6 +291,16 @@ async def test_revoke_on_a_failing_store_says_so_and_the_invite_stays_valid(faul
 # ---------------------------------------------------------------- SQLite: locked database
 
 
+async def alice_failed_and_the_use_is_left(server, token):
+    """After a registration of alice that the database refused: the server runs, alice does
+    not exist, and the invite's single use registers her now (and nobody after)."""
+    assert server.running
+    assert not await account_exists(server, "alice")
+    assert (await registers(server, token, "alice")).ok
+    assert await account_exists(server, "alice")
+    assert refusal(await registers(server, token, "bob")) == USED_TEXT
+
+
 @pytest.mark.async_timeout(120)
 async def test_sqlite_locked_by_another_process(make_server, storage):
     if storage != "sql":
@@ -324,8 +334,35 @@ async def test_sqlite_locked_by_another_process(make_server, storage):
             lock.execute("COMMIT")
         lock.close()
 
-    assert server.running
-    assert not await account_exists(server, "alice")
-    assert (await registers(server, token, "alice")).ok
-    assert await account_exists(server, "alice")
-    assert refusal(await registers(server, token, "bob")) == USED_TEXT
+    await alice_failed_and_the_use_is_left(server, token)
+
+
+@pytest.mark.async_timeout(120)
+async def test_sqlite_commit_refused_while_another_process_reads(make_server, storage):
+    """Another process holds a read transaction: our reservation's write goes through, but
+    its COMMIT cannot (SQLite needs every reader gone) and fails after the busy timeout. The
+    client gets a wait error and nothing is spent; once the reader is gone the very same
+    connection works again (the failed transaction was rolled back, with LuaDBI and with
+    LuaSQLite3 alike, rather than left open holding its locks)."""
+    if storage != "sql":
+        pytest.skip("SQLite only")
+    server = make_server()
+    token = token_of(server.generate_invite())
+
+    reader = sqlite3.connect(server.sqlite_path, isolation_level=None, timeout=5)
+    try:
+        async with xmpp.UnauthedSession(server.port) as s:
+            assert (await s.preauth(token)).ok
+            reader.execute("BEGIN")
+            reader.execute('SELECT count(*) FROM "prosody"').fetchall()  # a shared lock, kept
+            out = await s.register("alice", "pw")
+            assert out.error.type == "wait", out
+            assert out.error.text, out
+        reader.execute("COMMIT")
+    finally:
+        if reader.in_transaction:
+            reader.execute("COMMIT")
+        reader.close()
+
+    await alice_failed_and_the_use_is_left(server, token)
+    assert token not in server.log_text()
